@@ -1,0 +1,276 @@
+//! The commands the agent core handles, and their replies.
+//!
+//! The local API (and later the sync layer and the CLI's in-process agent) only parse input
+//! into a [`Command`] and render a [`Reply`]; they never reach into the runtime directly.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::spec::{ComponentSpec, DesiredState, Limits, Trigger};
+
+/// A request to the agent core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Liveness.
+    Health,
+    /// Agent and component status.
+    Status,
+    /// All components.
+    ListComponents,
+    /// One component.
+    GetComponent { name: String },
+    /// Store a component's bytes and run it under `name`, replacing any component of that name.
+    DeployComponent {
+        name: String,
+        bytes: Vec<u8>,
+        expected_digest: Option<Digest>,
+        triggers: Vec<Trigger>,
+        limits: Limits,
+    },
+    /// Store bytes in the blob cache without running them.
+    PutBlob { bytes: Vec<u8>, expected_digest: Option<Digest> },
+    /// Replace the whole desired state; every digest must already be in the cache.
+    ApplyDesired(DesiredInput),
+    /// The current desired state.
+    GetDesired,
+    /// Stop and forget a component (its key-value data is removed too).
+    RemoveComponent { name: String },
+    /// The most recent log lines of a component.
+    Logs { name: String, limit: usize },
+    /// Prometheus text metrics.
+    Metrics,
+    /// Publish on the local message bus.
+    Publish { subject: String, payload: Vec<u8> },
+}
+
+/// A desired-state document as submitted: the revision is optional (next one if absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DesiredInput {
+    /// Must be greater than the current revision when given.
+    #[serde(default)]
+    pub revision: Option<u64>,
+    /// Components to run.
+    #[serde(default)]
+    pub components: Vec<ComponentSpec>,
+}
+
+/// The reply to a [`Command`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Health(Health),
+    Status(Box<AgentStatus>),
+    Components(Vec<ComponentStatus>),
+    Component(Box<ComponentStatus>),
+    Deployed(Box<Deployed>),
+    Blob(BlobInfo),
+    Desired(DesiredState),
+    Revision(RevisionInfo),
+    Logs(Vec<LogLine>),
+    Metrics(String),
+    Published(Published),
+}
+
+/// Liveness reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Health {
+    /// Always `ok` when the agent answers.
+    pub status: String,
+    /// Agent version.
+    pub version: String,
+}
+
+/// Lifecycle state of a component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComponentState {
+    /// Loading (compiling or deserializing) and linking.
+    Starting,
+    /// Loaded; its triggers are armed.
+    Running,
+    /// Failing repeatedly; invocations are being delayed with exponential backoff.
+    CrashLooping,
+    /// Could not be loaded (bad blob, link error); it will not run until redeployed.
+    Failed,
+}
+
+impl ComponentState {
+    /// The kebab-case name used in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::CrashLooping => "crash-looping",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A recorded error with the time it happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ErrorRecord {
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    /// What happened.
+    pub message: String,
+}
+
+/// Status of one component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ComponentStatus {
+    pub name: String,
+    pub digest: Digest,
+    pub state: ComponentState,
+    pub triggers: Vec<Trigger>,
+    /// Effective limits (agent defaults filled in).
+    pub limits: Limits,
+    /// Completed invocations, successful or not.
+    pub invocations: u64,
+    /// Invocations that trapped, timed out, ran out of memory or returned an error.
+    pub failures: u64,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    /// Invocations skipped because the component was backing off or at its instance limit.
+    pub skipped: u64,
+    /// Most recent failure.
+    pub last_error: Option<ErrorRecord>,
+    /// Largest linear memory any instance grew to, in bytes.
+    pub memory_peak_bytes: u64,
+    /// Instances alive now.
+    pub live_instances: u32,
+    /// How it was loaded: `compiled` or `cached` (deserialized precompiled artifact).
+    pub loaded_from: String,
+    /// Time spent loading, in microseconds.
+    pub load_us: u64,
+}
+
+/// Agent status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentStatus {
+    pub version: String,
+    pub uptime_ms: u64,
+    pub board: String,
+    /// Revision of the desired state being run.
+    pub revision: u64,
+    /// `pooling` or `on-demand`.
+    pub allocator: String,
+    /// Resident memory of the agent process.
+    pub rss_bytes: u64,
+    /// Address space of the agent process.
+    pub vm_bytes: u64,
+    /// Bytes the store occupies on disk.
+    pub store_bytes: u64,
+    pub components: Vec<ComponentStatus>,
+}
+
+/// Reply to a deploy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Deployed {
+    pub revision: u64,
+    pub component: ComponentStatus,
+}
+
+/// A stored blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// The revision now in effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RevisionInfo {
+    pub revision: u64,
+}
+
+/// Result of a publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Published {
+    /// Subscribed components that received the message.
+    pub delivered: usize,
+}
+
+/// Severity of a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// One log line of a component: from its log import, its stdout/stderr, or the agent about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LogLine {
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    pub level: LogLevel,
+    /// `guest` (log import), `stdout`, `stderr` or `agent`.
+    pub source: String,
+    pub message: String,
+}
+
+/// What kind of failure a command met; the API maps it to an HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request was malformed (400).
+    BadRequest,
+    /// The named thing does not exist (404).
+    NotFound,
+    /// The request conflicts with current state, e.g. an old revision (409).
+    Conflict,
+    /// The component was understood but refused: bad digest, not a component, unknown import (422).
+    Rejected,
+    /// The agent cannot serve this now, e.g. shutting down (503).
+    Unavailable,
+    /// The agent failed (500).
+    Internal,
+}
+
+/// A failed command: a kind, a one-line message and optional details (one per problem).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    pub kind: ErrorKind,
+    pub message: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+impl CommandError {
+    /// A new error without details.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), details: Vec::new() }
+    }
+
+    /// Adds one detail line per problem.
+    pub fn with_details<I: IntoIterator<Item = D>, D: ToString>(mut self, details: I) -> Self {
+        self.details = details.into_iter().map(|d| d.to_string()).collect();
+        self
+    }
+}
+
+/// A boxed future, so handlers can be trait objects without pulling in an async runtime.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Something that executes commands: the agent, or a test double in API unit tests.
+pub trait CommandHandler: Send + Sync + 'static {
+    /// Executes one command.
+    fn handle(&self, command: Command) -> BoxFuture<'_, Result<Reply, CommandError>>;
+}

@@ -1,0 +1,402 @@
+//! The agent's config file (`perchd.toml`).
+//!
+//! Parsed from a TOML table by walking it key by key so that *every* problem is reported at
+//! once, each with its key path (`limits.memory: ...`), instead of stopping at the first.
+//! Unknown keys are errors with a "did you mean" hint.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::units::{ByteSize, HumanDuration};
+
+/// Default data directory of the sled store.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/perch";
+/// Default address of the local API and HTTP triggers.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Default board: the simulated board, which needs no hardware.
+pub const DEFAULT_BOARD: &str = "sim";
+/// Default largest linear memory of a component.
+pub const DEFAULT_MEMORY: ByteSize = ByteSize::mib(32);
+/// Default wall-clock limit of one invocation.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default most concurrent instances of one component.
+pub const DEFAULT_INSTANCES: u32 = 8;
+/// Default number of instance slots in the pooling allocator.
+pub const DEFAULT_POOL_INSTANCES: u32 = 100;
+/// Default epoch tick: the granularity of invocation timeouts.
+pub const DEFAULT_EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Default cap of the crash-loop backoff.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Default first delay of the crash-loop backoff.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Default number of log lines kept per component.
+pub const DEFAULT_LOG_LINES: usize = 200;
+/// Default sled page cache.
+pub const DEFAULT_STORE_CACHE: ByteSize = ByteSize::mib(4);
+
+/// How the runtime allocates instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Allocator {
+    /// Pooling allocator, falling back to on-demand if the pool cannot be reserved.
+    Auto,
+    /// Pooling allocator only; failing to reserve it is fatal.
+    Pooling,
+    /// Allocate each instance on demand.
+    OnDemand,
+}
+
+/// Runtime tuning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RuntimeConfig {
+    /// Instance allocation strategy.
+    pub allocator: Allocator,
+    /// Instance slots reserved by the pooling allocator (across all components).
+    pub pool_instances: u32,
+    /// Granularity of timeouts.
+    pub epoch_tick: Duration,
+    /// First crash-loop backoff delay; doubles per consecutive failure.
+    pub backoff_base: Duration,
+    /// Largest crash-loop backoff delay.
+    pub backoff_max: Duration,
+    /// Log lines kept per component.
+    pub log_lines: usize,
+}
+
+/// Default per-component limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DefaultLimits {
+    /// Largest linear memory; also the size of a pool slot, so no component may exceed it.
+    pub memory: ByteSize,
+    /// Wall-clock limit of one invocation.
+    pub timeout: Duration,
+    /// Concurrent instances of one component.
+    pub instances: u32,
+}
+
+/// The validated agent config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentConfig {
+    /// Where the sled store lives.
+    pub data_dir: PathBuf,
+    /// Address of the local API and HTTP triggers.
+    pub listen: SocketAddr,
+    /// Board name (`sim` needs no hardware).
+    pub board: String,
+    /// sled page cache size.
+    pub store_cache: ByteSize,
+    /// Default limits for components.
+    pub limits: DefaultLimits,
+    /// Runtime tuning.
+    pub runtime: RuntimeConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!("valid constant")),
+            board: DEFAULT_BOARD.into(),
+            store_cache: DEFAULT_STORE_CACHE,
+            limits: DefaultLimits {
+                memory: DEFAULT_MEMORY,
+                timeout: DEFAULT_TIMEOUT,
+                instances: DEFAULT_INSTANCES,
+            },
+            runtime: RuntimeConfig {
+                allocator: Allocator::Auto,
+                pool_instances: DEFAULT_POOL_INSTANCES,
+                epoch_tick: DEFAULT_EPOCH_TICK,
+                backoff_base: DEFAULT_BACKOFF_BASE,
+                backoff_max: DEFAULT_BACKOFF_MAX,
+                log_lines: DEFAULT_LOG_LINES,
+            },
+        }
+    }
+}
+
+/// One problem in a config file, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key path, or empty for the file as a whole.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() { write!(f, "{}", self.problem) } else { write!(f, "{}: {}", self.key, self.problem) }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// Where the config came from (file path or `<string>`).
+    pub source_name: String,
+    /// All problems, in file order.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{}: {n} problem{}", self.source_name, if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Walks one TOML table, taking known keys and recording problems with their paths.
+struct Walker<'a> {
+    prefix: String,
+    table: toml::Table,
+    problems: &'a mut Vec<ConfigProblem>,
+}
+
+impl<'a> Walker<'a> {
+    fn path(&self, key: &str) -> String {
+        if self.prefix.is_empty() { key.to_string() } else { format!("{}.{key}", self.prefix) }
+    }
+
+    fn problem(&mut self, key: &str, problem: impl Into<String>) {
+        let key = self.path(key);
+        self.problems.push(ConfigProblem { key, problem: problem.into() });
+    }
+
+    fn take<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        let value = self.table.remove(key)?;
+        match value.try_into::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.problem(key, e.message().trim().to_string());
+                None
+            }
+        }
+    }
+
+    fn section(&mut self, key: &str) -> Option<Walker<'_>> {
+        let path = self.path(key);
+        match self.table.remove(key)? {
+            toml::Value::Table(table) => Some(Walker { prefix: path, table, problems: self.problems }),
+            other => {
+                self.problem(key, format!("expected a table `[{path}]`, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn finish(self, known: &[&str]) {
+        let Walker { prefix, table, problems } = self;
+        for key in table.keys() {
+            let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            let hint = closest(key, known)
+                .map(|k| format!("; did you mean `{k}`?"))
+                .unwrap_or_else(|| format!("; known keys here: {}", known.join(", ")));
+            problems.push(ConfigProblem { key: path, problem: format!("unknown key{hint}") });
+        }
+    }
+}
+
+/// The known key closest to `key` by edit distance, if it is a plausible typo.
+fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+impl AgentConfig {
+    /// Parses and validates a config file's text. `source_name` names it in errors.
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        let fail = |problems| ConfigError { source_name: source_name.to_string(), problems };
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            fail(vec![ConfigProblem { key: String::new(), problem: format!("not valid TOML: {}", e.to_string().trim()) }])
+        })?;
+        let mut problems = Vec::new();
+        let mut cfg = AgentConfig::default();
+        let mut root = Walker { prefix: String::new(), table, problems: &mut problems };
+
+        if let Some(dir) = root.take::<PathBuf>("data-dir") {
+            if dir.as_os_str().is_empty() {
+                root.problem("data-dir", "must not be empty");
+            } else {
+                cfg.data_dir = dir;
+            }
+        }
+        if let Some(listen) = root.take::<String>("listen") {
+            match listen.parse() {
+                Ok(addr) => cfg.listen = addr,
+                Err(_) => root.problem("listen", format!("`{listen}` is not an address: write IP:PORT, e.g. `{DEFAULT_LISTEN}`")),
+            }
+        }
+        if let Some(board) = root.take::<String>("board") {
+            if board.is_empty() || !board.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                root.problem("board", format!("`{board}` is not a board name (letters, digits, `-`, `_`)"));
+            } else {
+                cfg.board = board;
+            }
+        }
+        if let Some(cache) = root.take::<ByteSize>("store-cache") {
+            cfg.store_cache = cache;
+        }
+        if let Some(mut limits) = root.section("limits") {
+            if let Some(m) = limits.take::<ByteSize>("memory") {
+                if m.bytes() < 64 << 10 {
+                    limits.problem("memory", format!("`{m}` is below one WebAssembly page (64KiB)"));
+                } else {
+                    cfg.limits.memory = m;
+                }
+            }
+            if let Some(t) = limits.take::<HumanDuration>("timeout") {
+                cfg.limits.timeout = t.0;
+            }
+            if let Some(n) = limits.take::<u32>("instances") {
+                if n == 0 {
+                    limits.problem("instances", "must be at least 1");
+                } else {
+                    cfg.limits.instances = n;
+                }
+            }
+            limits.finish(&["memory", "timeout", "instances"]);
+        }
+        if let Some(mut rt) = root.section("runtime") {
+            if let Some(a) = rt.take::<String>("allocator") {
+                match a.as_str() {
+                    "auto" => cfg.runtime.allocator = Allocator::Auto,
+                    "pooling" => cfg.runtime.allocator = Allocator::Pooling,
+                    "on-demand" => cfg.runtime.allocator = Allocator::OnDemand,
+                    _ => rt.problem("allocator", format!("`{a}` is not an allocator: use `auto`, `pooling` or `on-demand`")),
+                }
+            }
+            if let Some(n) = rt.take::<u32>("pool-instances") {
+                if n == 0 {
+                    rt.problem("pool-instances", "must be at least 1");
+                } else {
+                    cfg.runtime.pool_instances = n;
+                }
+            }
+            if let Some(t) = rt.take::<HumanDuration>("epoch-tick") {
+                cfg.runtime.epoch_tick = t.0;
+            }
+            if let Some(t) = rt.take::<HumanDuration>("backoff-base") {
+                cfg.runtime.backoff_base = t.0;
+            }
+            if let Some(t) = rt.take::<HumanDuration>("backoff-max") {
+                cfg.runtime.backoff_max = t.0;
+            }
+            if let Some(n) = rt.take::<usize>("log-lines") {
+                cfg.runtime.log_lines = n.max(1);
+            }
+            rt.finish(&["allocator", "pool-instances", "epoch-tick", "backoff-base", "backoff-max", "log-lines"]);
+        }
+        root.finish(&["data-dir", "listen", "board", "store-cache", "limits", "runtime"]);
+
+        if cfg.runtime.backoff_base > cfg.runtime.backoff_max {
+            problems.push(ConfigProblem {
+                key: "runtime.backoff-base".into(),
+                problem: "must not exceed runtime.backoff-max".into(),
+            });
+        }
+        if cfg.limits.timeout < cfg.runtime.epoch_tick {
+            problems.push(ConfigProblem {
+                key: "limits.timeout".into(),
+                problem: "must be at least runtime.epoch-tick".into(),
+            });
+        }
+        if problems.is_empty() { Ok(cfg) } else { Err(fail(problems)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_gives_defaults() {
+        let cfg = AgentConfig::from_toml("", "t").expect("empty is fine");
+        assert_eq!(cfg, AgentConfig::default());
+        assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let cfg = AgentConfig::from_toml(
+            r#"
+            data-dir = "/tmp/x"
+            listen = "127.0.0.1:9000"
+            board = "rpi4"
+            [limits]
+            memory = "16MiB"
+            timeout = "250ms"
+            instances = 2
+            [runtime]
+            allocator = "on-demand"
+            pool-instances = 10
+            epoch-tick = "5ms"
+            "#,
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(cfg.limits.memory, ByteSize::mib(16));
+        assert_eq!(cfg.limits.timeout, Duration::from_millis(250));
+        assert_eq!(cfg.runtime.allocator, Allocator::OnDemand);
+        assert_eq!(cfg.listen.port(), 9000);
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key() {
+        let err = AgentConfig::from_toml(
+            r#"
+            listen = "localhost"
+            lisen = "x"
+            [limits]
+            memory = "16"
+            timeout = 5
+            [runtime]
+            allocator = "fast"
+            "#,
+            "perchd.toml",
+        )
+        .expect_err("invalid");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["listen", "limits.memory", "limits.timeout", "runtime.allocator", "lisen"]);
+        let text = err.to_string();
+        assert!(text.starts_with("perchd.toml: 5 problems"), "{text}");
+        assert!(text.contains("lisen: unknown key; did you mean `listen`?"), "{text}");
+        assert!(text.contains("limits.memory: `16` is not a size"), "{text}");
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        let err = AgentConfig::from_toml("listen = ", "f.toml").expect_err("syntax");
+        assert!(err.to_string().contains("not valid TOML"), "{err}");
+    }
+}

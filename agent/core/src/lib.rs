@@ -1,0 +1,20 @@
+//! Perch's domain model.
+//!
+//! Owns the agent config, component specs and desired state, the command enum the local API
+//! speaks, and the typed errors around them. It must not depend on tokio, wasmtime, sled or
+//! axum: everything here is plain data and validation, usable by the agent, the CLI and tests.
+
+pub mod command;
+pub mod config;
+pub mod digest;
+pub mod spec;
+pub mod units;
+
+pub use command::{Command, CommandError, CommandHandler, ErrorKind, Reply};
+pub use config::AgentConfig;
+pub use digest::{Digest, DigestError};
+pub use spec::{ComponentSpec, DesiredState, Limits, Trigger};
+pub use units::{ByteSize, HumanDuration};
+
+/// The agent's version, reported by the API.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
