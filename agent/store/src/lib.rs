@@ -1,1 +1,195 @@
-//! placeholder
+//! Perch's durable on-device store.
+//!
+//! Owns everything the agent keeps on disk in one sled database: the component blob cache
+//! (original bytes addressed by sha256 digest, verified on the way in and on the way out), the
+//! precompiled artifact cache (one native artifact per blob and engine fingerprint, each with
+//! its own checksum), the desired-state journal (the current and the previous accepted
+//! document, committed atomically and durably) and one key-value namespace per component.
+//! The agent talks to it through the object-safe [`Store`] trait, so sled stays an
+//! implementation detail ([`SledStore`]). It must not depend on wasmtime or tokio: calls are
+//! blocking and plain bytes go in and out; the runtime decides what an artifact means.
+//!
+//! sled 0.34's `flush()` does not fsync (it issues `sync_file_range`), so [`Store::sync`] and
+//! [`Store::commit_desired`] follow it with `fdatasync` of sled's files; see
+//! [`SledStore`] for which files those are.
+
+#![forbid(unsafe_code)]
+
+mod durable;
+mod error;
+mod frame;
+mod sled_store;
+
+use perch_core::Digest;
+
+pub use error::StoreError;
+pub use sled_store::{
+    DEFAULT_CACHE_CAPACITY, DEFAULT_FLUSH_EVERY_MS, FORMAT, SledOptions, SledStore,
+};
+
+/// The agent's durable storage, held as `Arc<dyn Store>`.
+///
+/// Writes are not durable on their own: [`Store::commit_desired`] and [`Store::sync`] make
+/// everything written before them durable (group commit), so a caller that must acknowledge
+/// a write (a kv `set` a component waits on, a fetched blob the next desired state needs)
+/// batches its writes and then calls one of them.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a component blob and returns its digest. When `expected` is given and the bytes
+    /// hash to something else, nothing is stored and [`StoreError::DigestMismatch`] is
+    /// returned. Storing a blob that is already present is a no-op.
+    fn put_blob(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<Digest, StoreError>;
+
+    /// The blob with this digest. The bytes are verified against the digest on every read; a
+    /// blob that no longer matches is removed (so it can be fetched again) and reported as
+    /// [`StoreError::Corrupt`], never returned.
+    fn get_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Whether a blob with this digest is stored (without reading or verifying it).
+    fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError>;
+
+    /// Removes a blob and every precompiled artifact made from it. Removing a missing blob
+    /// is not an error.
+    fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError>;
+
+    /// Every stored blob with its size in bytes, ordered by digest.
+    fn blobs(&self) -> Result<Vec<(Digest, u64)>, StoreError>;
+
+    /// Stores the precompiled native artifact of blob `digest` for the engine identified by
+    /// `fingerprint` (the runtime's engine/config hash), replacing an older one.
+    fn put_artifact(&self, digest: &Digest, fingerprint: &str, bytes: &[u8])
+    -> Result<(), StoreError>;
+
+    /// The artifact of blob `digest` for engine `fingerprint`. An artifact whose checksum no
+    /// longer matches (truncated, bit-flipped) is removed and reported as
+    /// [`StoreError::Corrupt`].
+    fn get_artifact(&self, digest: &Digest, fingerprint: &str)
+    -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Removes every artifact built for an engine other than `keep_fingerprint` (after an
+    /// agent upgrade they can never be used again) and returns how many were removed.
+    fn prune_artifacts(&self, keep_fingerprint: &str) -> Result<u64, StoreError>;
+
+    /// The desired-state journal: the current and the previous committed documents.
+    fn journal(&self) -> Result<Journal, StoreError>;
+
+    /// Commits `doc` as the current desired state. In one atomic step the current document
+    /// becomes the previous one and `doc` becomes current; the commit is durable when this
+    /// returns. A current document that is corrupt is not moved to `previous`: the last good
+    /// document stays there for rollback. Returns the new entry's generation.
+    fn commit_desired(&self, doc: &[u8]) -> Result<u64, StoreError>;
+
+    /// The value of `key` in component namespace `ns`.
+    fn kv_get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Sets `key` in namespace `ns`, creating the namespace if needed.
+    fn kv_set(&self, ns: &str, key: &str, value: &[u8]) -> Result<(), StoreError>;
+
+    /// Deletes `key` from namespace `ns`; returns whether it existed.
+    fn kv_delete(&self, ns: &str, key: &str) -> Result<bool, StoreError>;
+
+    /// The keys of namespace `ns`, in byte order; empty for a namespace that does not exist.
+    fn kv_keys(&self, ns: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Deletes namespace `ns` and everything in it (when its component is removed). Call it
+    /// while no instance of that component runs.
+    fn kv_drop(&self, ns: &str) -> Result<(), StoreError>;
+
+    /// Makes everything written so far durable.
+    fn sync(&self) -> Result<(), StoreError>;
+
+    /// Space the store takes on disk, in bytes (allocated blocks, not logical size).
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// One committed desired-state document.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// Counts commits over the life of the store: the first commit is 1 and every commit
+    /// adds one, so `previous.generation + 1 == current.generation` after a clean commit.
+    pub generation: u64,
+    /// The document exactly as committed.
+    pub doc: Vec<u8>,
+}
+
+impl std::fmt::Debug for JournalEntry {
+    // Documents may carry configuration values: show their size, never their contents.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JournalEntry")
+            .field("generation", &self.generation)
+            .field("doc_len", &self.doc.len())
+            .finish()
+    }
+}
+
+/// The desired-state journal as read from disk. Each side is read and verified on its own:
+/// a corrupt `current` is an `Err` here while `previous` can still be used.
+#[derive(Debug)]
+pub struct Journal {
+    /// The last committed document (`None` before the first commit).
+    pub current: Result<Option<JournalEntry>, StoreError>,
+    /// The document committed before it, kept for rollback.
+    pub previous: Result<Option<JournalEntry>, StoreError>,
+}
+
+impl Journal {
+    /// The document the agent should apply: `current` when it is intact, otherwise
+    /// `previous` when that is.
+    pub fn latest_good(&self) -> Option<&JournalEntry> {
+        match (&self.current, &self.previous) {
+            (Ok(Some(current)), _) => Some(current),
+            (Err(_), Ok(Some(previous))) => Some(previous),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(generation: u64) -> JournalEntry {
+        JournalEntry {
+            generation,
+            doc: format!("doc {generation}").into_bytes(),
+        }
+    }
+
+    fn corrupt() -> StoreError {
+        StoreError::Corrupt {
+            what: "journal current entry".into(),
+            detail: "test".into(),
+        }
+    }
+
+    #[test]
+    fn latest_good_prefers_current_and_falls_back_only_on_corruption() {
+        let both = Journal {
+            current: Ok(Some(entry(2))),
+            previous: Ok(Some(entry(1))),
+        };
+        assert_eq!(both.latest_good().map(|e| e.generation), Some(2));
+
+        let broken = Journal {
+            current: Err(corrupt()),
+            previous: Ok(Some(entry(1))),
+        };
+        assert_eq!(broken.latest_good().map(|e| e.generation), Some(1));
+
+        let empty = Journal {
+            current: Ok(None),
+            previous: Ok(None),
+        };
+        assert_eq!(empty.latest_good(), None);
+    }
+
+    #[test]
+    fn entry_debug_hides_the_document() {
+        let e = JournalEntry {
+            generation: 7,
+            doc: b"secret-token".to_vec(),
+        };
+        let shown = format!("{e:?}");
+        assert!(shown.contains("generation: 7"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+}

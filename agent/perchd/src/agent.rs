@@ -1,0 +1,436 @@
+//! The agent: the store, the runtime and the desired state, driven by [`Command`]s.
+//!
+//! Order of a change: validate, store the blob, compile and link, journal the new desired
+//! state durably, then activate. A failure before the journal write leaves everything as it
+//! was; a crash after it is recovered at the next boot from the journal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use perch_api::{ApiError, HttpGateway};
+use perch_core::command::{
+    AgentStatus, BlobInfo, BoxFuture, ComponentStatus, Deployed, DesiredInput, Health, LogLine, Published,
+    RevisionInfo,
+};
+use perch_core::spec::Limits;
+use perch_core::{AgentConfig, Command, CommandError, CommandHandler, ComponentSpec, DesiredState, Digest, ErrorKind, Reply, Trigger};
+use perch_runtime::{HttpError, LoadError, Loaded, Runtime, RuntimeError};
+use perch_store::{SledOptions, SledStore, Store, StoreError};
+
+/// Failure to start the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the store at {path}: {source}")]
+    Store { path: String, source: StoreError },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// The agent.
+pub struct Agent {
+    config: AgentConfig,
+    store: Arc<dyn Store>,
+    runtime: Arc<Runtime>,
+    desired: tokio::sync::Mutex<DesiredState>,
+    revision: AtomicU64,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("revision", &self.revision).finish_non_exhaustive()
+    }
+}
+
+fn rejected(e: impl ToString) -> CommandError {
+    CommandError::new(ErrorKind::Rejected, e.to_string())
+}
+
+fn internal(e: impl ToString) -> CommandError {
+    CommandError::new(ErrorKind::Internal, e.to_string())
+}
+
+fn not_found(name: &str) -> CommandError {
+    CommandError::new(ErrorKind::NotFound, format!("no component named `{name}`"))
+}
+
+fn store_error(e: StoreError) -> CommandError {
+    match e {
+        StoreError::DigestMismatch { .. } => rejected(e),
+        other => internal(other),
+    }
+}
+
+/// Reads this process's resident and virtual memory from `/proc/self/status`.
+pub fn process_memory() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmSize:"))
+}
+
+impl Agent {
+    /// Opens the store, creates the runtime and starts the last accepted desired state from
+    /// the local cache. Needs no network.
+    pub async fn start(config: AgentConfig) -> Result<Arc<Self>, StartError> {
+        let opts = SledOptions { cache_capacity: config.store_cache.bytes(), ..SledOptions::default() };
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir, &opts).map_err(|source| {
+            StartError::Store { path: config.data_dir.display().to_string(), source }
+        })?);
+        Self::start_with_store(config, store).await
+    }
+
+    /// Like [`Self::start`] with an already opened store.
+    pub async fn start_with_store(config: AgentConfig, store: Arc<dyn Store>) -> Result<Arc<Self>, StartError> {
+        let runtime = Runtime::new(config.clone(), store.clone())?;
+        let desired = restore_desired(store.as_ref());
+        let agent = Arc::new(Self {
+            config,
+            store,
+            runtime,
+            revision: AtomicU64::new(desired.revision),
+            desired: tokio::sync::Mutex::new(desired.clone()),
+            started: Instant::now(),
+        });
+        for spec in desired.components {
+            match agent.runtime.prepare(spec.clone()).await {
+                Ok(loaded) => {
+                    agent.runtime.activate(loaded);
+                }
+                Err(e) => agent.runtime.mark_failed(spec, &e),
+            }
+        }
+        tracing::info!(revision = desired.revision, "desired state restored from the local store");
+        Ok(agent)
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Stops all components and makes the store durable.
+    pub fn shutdown(&self) {
+        self.runtime.stop_all();
+        if let Err(e) = self.store.sync() {
+            tracing::error!(error = %e, "store sync at shutdown failed");
+        }
+    }
+
+    async fn commit(&self, current: &mut DesiredState, next: DesiredState) -> Result<(), CommandError> {
+        let doc = serde_json::to_vec(&next).map_err(internal)?;
+        self.store.commit_desired(&doc).map_err(store_error)?;
+        self.revision.store(next.revision, Ordering::Relaxed);
+        *current = next;
+        Ok(())
+    }
+
+    fn check_spec(&self, desired: &DesiredState) -> Result<(), CommandError> {
+        let mut problems: Vec<String> = desired.validate().iter().map(ToString::to_string).collect();
+        for c in &desired.components {
+            if let Err(p) = self.runtime.check_limits(c) {
+                problems.push(p);
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(CommandError::new(ErrorKind::BadRequest, "the desired state is not valid").with_details(problems))
+        }
+    }
+
+    /// Removes blobs no longer referenced by the current or previous desired state.
+    fn collect_garbage(&self, current: &DesiredState) {
+        let previous = match self.store.journal() {
+            Ok(j) => j.previous.ok().flatten().and_then(|p| serde_json::from_slice::<DesiredState>(&p.doc).ok()),
+            Err(_) => return,
+        };
+        let keep: std::collections::HashSet<Digest> = current
+            .components
+            .iter()
+            .chain(previous.iter().flat_map(|p| p.components.iter()))
+            .map(|c| c.digest)
+            .collect();
+        if let Ok(blobs) = self.store.blobs() {
+            for (digest, _) in blobs {
+                if !keep.contains(&digest)
+                    && let Err(e) = self.store.remove_blob(&digest)
+                {
+                    tracing::warn!(%digest, error = %e, "could not remove an unused blob");
+                }
+            }
+        }
+    }
+
+    async fn deploy(
+        &self,
+        name: String,
+        bytes: Vec<u8>,
+        expected: Option<Digest>,
+        triggers: Vec<Trigger>,
+        limits: Limits,
+    ) -> Result<Reply, CommandError> {
+        let mut current = self.desired.lock().await;
+        let digest = Digest::of(&bytes);
+        if let Some(expected) = expected
+            && expected != digest
+        {
+            return Err(rejected(format!(
+                "digest mismatch for component `{name}`: expected {expected}, but the uploaded bytes hash to {digest}"
+            )));
+        }
+        let spec = ComponentSpec { name: name.clone(), digest, triggers, limits };
+        let next = current.with_component(spec.clone());
+        self.check_spec(&next)?;
+        perch_runtime::component::check_header(&name, &bytes).map_err(rejected)?;
+        self.store.put_blob(&bytes, Some(&digest)).map_err(store_error)?;
+        drop(bytes);
+        let loaded = match self.runtime.prepare(spec).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.collect_garbage(&current);
+                return Err(rejected(e));
+            }
+        };
+        self.commit(&mut current, next).await?;
+        let revision = current.revision;
+        let running = self.runtime.activate(loaded);
+        self.collect_garbage(&current);
+        drop(current);
+        let component = self.component_status(running.name()).ok_or_else(|| not_found(&name))?;
+        tracing::info!(component = %name, revision, "component deployed");
+        Ok(Reply::Deployed(Box::new(Deployed { revision, component })))
+    }
+
+    async fn apply(&self, input: DesiredInput) -> Result<Reply, CommandError> {
+        let mut current = self.desired.lock().await;
+        let revision = match input.revision {
+            Some(r) if r <= current.revision => {
+                return Err(CommandError::new(
+                    ErrorKind::Conflict,
+                    format!("revision {r} is not newer than the current revision {}", current.revision),
+                ));
+            }
+            Some(r) => r,
+            None => current.revision + 1,
+        };
+        let next = DesiredState { revision, components: input.components };
+        self.check_spec(&next)?;
+        let mut missing = Vec::new();
+        for c in &next.components {
+            if !self.store.has_blob(&c.digest).map_err(store_error)? {
+                missing.push(format!("component `{}`: blob {} is not in the cache; upload it with PUT /v1/blobs", c.name, c.digest));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(CommandError::new(ErrorKind::Rejected, "the desired state names blobs this agent does not have").with_details(missing));
+        }
+        // Compile and link everything that changed before committing, so a bad component
+        // leaves the running set untouched.
+        let running = self.runtime.specs();
+        let mut prepared: Vec<Loaded> = Vec::new();
+        let mut problems: Vec<LoadError> = Vec::new();
+        for c in &next.components {
+            if running.get(&c.name) == Some(c) && self.runtime.get(&c.name).is_some() {
+                continue;
+            }
+            match self.runtime.prepare(c.clone()).await {
+                Ok(l) => prepared.push(l),
+                Err(e) => problems.push(e),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(CommandError::new(ErrorKind::Rejected, "some components cannot run on this agent").with_details(problems));
+        }
+        self.commit(&mut current, next).await?;
+        for name in running.keys() {
+            if current.get(name).is_none() {
+                self.runtime.remove(name);
+            }
+        }
+        for l in prepared {
+            self.runtime.activate(l);
+        }
+        self.collect_garbage(&current);
+        tracing::info!(revision, "desired state applied");
+        Ok(Reply::Revision(RevisionInfo { revision }))
+    }
+
+    async fn remove(&self, name: &str) -> Result<Reply, CommandError> {
+        let mut current = self.desired.lock().await;
+        let next = current.without_component(name).ok_or_else(|| not_found(name))?;
+        self.commit(&mut current, next).await?;
+        self.runtime.remove(name);
+        self.collect_garbage(&current);
+        Ok(Reply::Revision(RevisionInfo { revision: current.revision }))
+    }
+
+    fn component_status(&self, name: &str) -> Option<ComponentStatus> {
+        self.runtime.status().into_iter().find(|c| c.name == name)
+    }
+
+    /// Agent status.
+    pub fn status(&self) -> AgentStatus {
+        let (rss_bytes, vm_bytes) = process_memory();
+        AgentStatus {
+            version: perch_core::VERSION.to_string(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            board: self.config.board.clone(),
+            revision: self.revision.load(Ordering::Relaxed),
+            allocator: self.runtime.allocator().as_str().to_string(),
+            rss_bytes,
+            vm_bytes,
+            store_bytes: self.store.size_on_disk().unwrap_or(0),
+            components: self.runtime.status(),
+        }
+    }
+
+    fn logs(&self, name: &str, limit: usize) -> Result<Vec<LogLine>, CommandError> {
+        self.runtime.logs(name, limit).ok_or_else(|| not_found(name))
+    }
+
+    /// Prometheus text exposition of the agent's metrics.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let s = self.status();
+        let m = self.runtime.metrics();
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, rows: Vec<(String, u64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        gauge("perch_uptime_seconds", "Seconds since the agent started.", "gauge", vec![(String::new(), s.uptime_ms / 1000)]);
+        gauge("perch_desired_revision", "Revision of the desired state being run.", "gauge", vec![(String::new(), s.revision)]);
+        gauge("perch_process_resident_bytes", "Resident memory of the agent.", "gauge", vec![(String::new(), s.rss_bytes)]);
+        gauge("perch_process_virtual_bytes", "Address space of the agent.", "gauge", vec![(String::new(), s.vm_bytes)]);
+        gauge("perch_store_bytes", "Bytes the store occupies on disk.", "gauge", vec![(String::new(), s.store_bytes)]);
+        gauge("perch_bus_published_total", "Messages published on the local bus.", "counter", vec![(String::new(), m.messages_published)]);
+        gauge("perch_bus_dropped_total", "Messages dropped because a subscriber queue was full.", "counter", vec![(String::new(), m.messages_dropped)]);
+        let per = |f: &dyn Fn(&ComponentStatus) -> u64| {
+            s.components.iter().map(|c| (format!("{{component=\"{}\"}}", c.name), f(c))).collect::<Vec<_>>()
+        };
+        gauge("perch_component_invocations_total", "Completed invocations.", "counter", per(&|c| c.invocations));
+        gauge("perch_component_failures_total", "Invocations that trapped, timed out, ran out of memory or returned an error.", "counter", per(&|c| c.failures));
+        gauge("perch_component_skipped_total", "Invocations skipped while backing off or at the instance limit.", "counter", per(&|c| c.skipped));
+        gauge("perch_component_memory_peak_bytes", "Largest linear memory of any instance.", "gauge", per(&|c| c.memory_peak_bytes));
+        gauge("perch_component_live_instances", "Instances alive now.", "gauge", per(&|c| u64::from(c.live_instances)));
+        let states = s
+            .components
+            .iter()
+            .map(|c| (format!("{{component=\"{}\",state=\"{}\"}}", c.name, c.state.as_str()), 1))
+            .collect();
+        gauge("perch_component_state", "Component lifecycle state (1 for the current state).", "gauge", states);
+        out
+    }
+}
+
+/// Loads the journaled desired state, falling back to the previous revision if the current
+/// one is unreadable. Never fails: an empty state is a valid start.
+fn restore_desired(store: &dyn Store) -> DesiredState {
+    let journal = match store.journal() {
+        Ok(j) => j,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the desired-state journal; starting with no components");
+            return DesiredState::default();
+        }
+    };
+    let parse = |entry: &Result<Option<perch_store::JournalEntry>, StoreError>, which: &str| match entry {
+        Ok(Some(e)) => match serde_json::from_slice::<DesiredState>(&e.doc) {
+            Ok(d) => Some(d),
+            Err(err) => {
+                tracing::error!(which, error = %err, "journaled desired state is unreadable");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(err) => {
+            tracing::error!(which, error = %err, "journaled desired state is corrupt");
+            None
+        }
+    };
+    if let Some(d) = parse(&journal.current, "current") {
+        return d;
+    }
+    if let Some(d) = parse(&journal.previous, "previous") {
+        tracing::warn!(revision = d.revision, "running the previous desired state");
+        return d;
+    }
+    DesiredState::default()
+}
+
+impl CommandHandler for Agent {
+    fn handle(&self, command: Command) -> BoxFuture<'_, Result<Reply, CommandError>> {
+        Box::pin(async move {
+            match command {
+                Command::Health => Ok(Reply::Health(Health { status: "ok".into(), version: perch_core::VERSION.into() })),
+                Command::Status => Ok(Reply::Status(Box::new(self.status()))),
+                Command::ListComponents => Ok(Reply::Components(self.runtime.status())),
+                Command::GetComponent { name } => {
+                    self.component_status(&name).map(|c| Reply::Component(Box::new(c))).ok_or_else(|| not_found(&name))
+                }
+                Command::DeployComponent { name, bytes, expected_digest, triggers, limits } => {
+                    self.deploy(name, bytes, expected_digest, triggers, limits).await
+                }
+                Command::PutBlob { bytes, expected_digest } => {
+                    let digest = self.store.put_blob(&bytes, expected_digest.as_ref()).map_err(store_error)?;
+                    Ok(Reply::Blob(BlobInfo { digest, size: bytes.len() as u64 }))
+                }
+                Command::ApplyDesired(input) => self.apply(input).await,
+                Command::GetDesired => Ok(Reply::Desired(self.desired.lock().await.clone())),
+                Command::RemoveComponent { name } => self.remove(&name).await,
+                Command::Logs { name, limit } => self.logs(&name, limit).map(Reply::Logs),
+                Command::Metrics => Ok(Reply::Metrics(self.metrics())),
+                Command::Publish { subject, payload } => {
+                    let delivered = self.runtime.publish(&subject, Bytes::from(payload));
+                    Ok(Reply::Published(Published { delivered }))
+                }
+            }
+        })
+    }
+}
+
+impl HttpGateway for Agent {
+    fn serve(&self, req: Request) -> BoxFuture<'_, Response> {
+        Box::pin(async move {
+            match self.runtime.serve_http(req).await {
+                Ok(resp) => resp.map(Body::new),
+                Err(e) => {
+                    let kind = match &e {
+                        HttpError::NoRoute(_) => ErrorKind::NotFound,
+                        HttpError::Unavailable { .. } => ErrorKind::Unavailable,
+                        HttpError::Failed { .. } => ErrorKind::Internal,
+                    };
+                    let mut resp = ApiError(CommandError::new(kind, e.to_string())).into_response();
+                    if let HttpError::Unavailable { retry_after: Some(d), .. } = &e
+                        && let Ok(v) = HeaderValue::from_str(&d.as_secs().max(1).to_string())
+                    {
+                        resp.headers_mut().insert(header::RETRY_AFTER, v);
+                    }
+                    if resp.status() == StatusCode::OK {
+                        *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    resp
+                }
+            }
+        })
+    }
+}

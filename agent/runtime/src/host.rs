@@ -1,0 +1,321 @@
+//! The per-invocation store data (`Host`) and the host side of `perch:device` imports.
+//!
+//! Every invocation gets a fresh `wasmtime::Store<Host>`; what must outlive it (key-value
+//! data, logs, counters) lives behind the shared [`ComponentCtx`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{ResourceLimiter, Result as WtResult};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use perch_core::command::LogLevel;
+
+use crate::bus::Bus;
+use crate::supervisor::ComponentLog;
+
+wasmtime::component::bindgen!({
+    path: "../../wit",
+    world: "perch:device/imports",
+});
+
+use perch::device::types::Error as GuestError;
+
+/// Largest key accepted by the kv interface.
+pub const MAX_KV_KEY: usize = 1024;
+/// Largest value accepted by the kv interface.
+pub const MAX_KV_VALUE: usize = 1 << 20;
+/// Largest message payload a component may publish.
+pub const MAX_MESSAGE: usize = 1 << 20;
+/// Largest log line kept from a component.
+pub const MAX_LOG_LINE: usize = 4096;
+
+/// What an invocation's host functions share with the rest of the agent.
+pub struct ComponentCtx {
+    /// Component name: its log name and key-value namespace.
+    pub name: String,
+    /// Durable store for the kv interface.
+    pub store: Arc<dyn perch_store::Store>,
+    /// Local message bus for the messaging interface.
+    pub bus: Arc<Bus>,
+    /// Where the component's log lines go.
+    pub log: Arc<ComponentLog>,
+}
+
+impl std::fmt::Debug for ComponentCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComponentCtx").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl ComponentCtx {
+    fn kv_namespace(&self) -> String {
+        format!("kv/{}", self.name)
+    }
+}
+
+/// Enforces a component's memory limit and records its peak, for status.
+#[derive(Debug)]
+pub struct Limiter {
+    /// Largest linear memory allowed, in bytes.
+    pub memory_limit: usize,
+    /// Largest linear memory requested so far, in bytes.
+    pub memory_peak: usize,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> WtResult<bool> {
+        if desired > self.memory_limit {
+            // An error (rather than `Ok(false)`) traps right at the `memory.grow`, so the
+            // guest cannot mask it and the failure message says what happened.
+            return Err(wasmtime::format_err!(
+                "out of memory: the component tried to grow its linear memory to {} bytes, above its limit of {} bytes",
+                desired,
+                self.memory_limit
+            ));
+        }
+        self.memory_peak = self.memory_peak.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> WtResult<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// Store data of one invocation.
+pub struct Host {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: DenyOutgoing,
+    /// Memory limit and peak.
+    pub limiter: Limiter,
+    /// Shared, long-lived component context.
+    pub ctx: Arc<ComponentCtx>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("component", &self.ctx.name).finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    /// Fresh store data for one invocation of the component behind `ctx`.
+    pub fn new(ctx: Arc<ComponentCtx>, memory_limit: usize) -> Self {
+        let wasi = WasiCtx::builder()
+            .stdout(LogStream { log: ctx.log.clone(), source: "stdout", level: LogLevel::Info })
+            .stderr(LogStream { log: ctx.log.clone(), source: "stderr", level: LogLevel::Warn })
+            .build();
+        Self {
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            hooks: DenyOutgoing,
+            limiter: Limiter { memory_limit, memory_peak: 0 },
+            ctx,
+        }
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+    }
+}
+
+/// Outgoing HTTP is not granted to any component yet: every request is refused with
+/// `HTTP-request-denied` instead of reaching the network.
+#[derive(Debug, Clone, Copy)]
+struct DenyOutgoing;
+
+impl wasmtime_wasi_http::WasiHttpHooks for DenyOutgoing {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// Adds WASI 0.2 (async), `wasi:http` and the `perch:device` imports to `linker`.
+pub fn add_to_linker(linker: &mut Linker<Host>) -> WtResult<()> {
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)?;
+    Imports::add_to_linker::<Host, HasSelf<Host>>(linker, |h| h)?;
+    Ok(())
+}
+
+fn io_error(e: impl std::fmt::Display) -> GuestError {
+    GuestError::Io(e.to_string())
+}
+
+impl perch::device::types::Host for Host {}
+
+impl perch::device::log::Host for Host {
+    fn log(&mut self, level: perch::device::log::Level, message: String) {
+        use perch::device::log::Level;
+        let level = match level {
+            Level::Trace => LogLevel::Trace,
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+        };
+        let mut message = message;
+        truncate_utf8(&mut message, MAX_LOG_LINE);
+        self.ctx.log.push(level, "guest", message);
+    }
+}
+
+impl perch::device::kv::Host for Host {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, GuestError> {
+        check_key(&key)?;
+        self.ctx.store.kv_get(&self.ctx.kv_namespace(), &key).map_err(io_error)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), GuestError> {
+        check_key(&key)?;
+        if value.len() > MAX_KV_VALUE {
+            return Err(GuestError::Invalid(format!(
+                "value for `{key}` is {} bytes; the limit is {MAX_KV_VALUE}",
+                value.len()
+            )));
+        }
+        self.ctx.store.kv_set(&self.ctx.kv_namespace(), &key, &value).map_err(io_error)
+    }
+
+    fn delete(&mut self, key: String) -> Result<bool, GuestError> {
+        check_key(&key)?;
+        self.ctx.store.kv_delete(&self.ctx.kv_namespace(), &key).map_err(io_error)
+    }
+
+    fn keys(&mut self) -> Result<Vec<String>, GuestError> {
+        self.ctx.store.kv_keys(&self.ctx.kv_namespace()).map_err(io_error)
+    }
+}
+
+fn check_key(key: &str) -> Result<(), GuestError> {
+    if key.is_empty() || key.len() > MAX_KV_KEY {
+        return Err(GuestError::Invalid(format!("keys must be 1 to {MAX_KV_KEY} bytes long")));
+    }
+    Ok(())
+}
+
+impl perch::device::messaging::Host for Host {
+    fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), GuestError> {
+        if payload.len() > MAX_MESSAGE {
+            return Err(GuestError::Invalid(format!("payload is {} bytes; the limit is {MAX_MESSAGE}", payload.len())));
+        }
+        if subject.contains(['*', '>']) {
+            return Err(GuestError::Invalid(format!("cannot publish to wildcard subject `{subject}`")));
+        }
+        perch_core::spec::check_subject_pattern(&subject).map_err(GuestError::Invalid)?;
+        self.ctx.bus.publish(&subject, payload.into(), Some(&self.ctx.name));
+        Ok(())
+    }
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+}
+
+/// A guest's stdout or stderr, split into lines in its component log.
+#[derive(Clone)]
+struct LogStream {
+    log: Arc<ComponentLog>,
+    source: &'static str,
+    level: LogLevel,
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LineWriter { stream: self.clone(), pending: Vec::new() })
+    }
+}
+
+struct LineWriter {
+    stream: LogStream,
+    pending: Vec<u8>,
+}
+
+impl LineWriter {
+    fn emit(&mut self, line: &[u8]) {
+        let mut text = String::from_utf8_lossy(line).trim_end_matches('\r').to_string();
+        truncate_utf8(&mut text, MAX_LOG_LINE);
+        self.stream.log.push(self.stream.level, self.stream.source, text);
+    }
+}
+
+impl tokio::io::AsyncWrite for LineWriter {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        this.pending.extend_from_slice(buf);
+        while let Some(pos) = this.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = this.pending.drain(..=pos).collect();
+            this.emit(&line[..line.len() - 1]);
+        }
+        if this.pending.len() > MAX_LOG_LINE {
+            let line = std::mem::take(&mut this.pending);
+            this.emit(&line);
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            let line = std::mem::take(&mut self.pending);
+            self.emit(&line);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building and testing Perch needs on a Debian machine, skipping what is there:
+# the wasm32-wasip2 Rust target and a few Debian packages (curl, iproute2, util-linux).
+set -euo pipefail
+
+need_pkgs=()
+command -v curl >/dev/null || need_pkgs+=(curl)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v unshare >/dev/null && command -v nsenter >/dev/null || need_pkgs+=(util-linux)
+command -v cc >/dev/null || need_pkgs+=(gcc)
+if ((${#need_pkgs[@]})); then
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    echo "setup: installing ${need_pkgs[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_pkgs[@]}"
+fi
+
+command -v rustup >/dev/null || { echo "setup: rustup is required (https://rustup.rs)" >&2; exit 1; }
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"  # so rust-toolchain.toml selects the toolchain
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2

@@ -1,0 +1,72 @@
+//! Components deployed through the API run again after a restart with no network at all
+//! (a fresh network namespace with only loopback) and without their source files: from the
+//! agent's own cache, deserializing precompiled code instead of compiling.
+
+use std::time::Duration;
+
+use perch_tests::{Launch, Perchd, examples};
+
+#[test]
+fn deployed_components_restart_offline_from_the_cache() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Deploy from copies that are deleted before the restart: nothing but the store remains.
+    let src = tempfile::tempdir()?;
+    let copy = |name: &str, path: &str| -> anyhow::Result<std::path::PathBuf> {
+        let p = src.path().join(name);
+        std::fs::copy(path, &p)?;
+        Ok(p)
+    };
+    let files = [
+        ("timer", copy("timer.wasm", examples::TIMER)?, "every=100ms&startup=true"),
+        ("hello", copy("hello.wasm", examples::HTTP_HELLO)?, "http=/hello"),
+        ("bad", copy("bad.wasm", examples::MISBEHAVE)?, "message=misbehave.>&timeout=200ms"),
+    ];
+
+    let mut agent = Perchd::start(dir.path(), Launch::default())?;
+    for (name, path, query) in &files {
+        let r = agent.deploy(name, &std::fs::read(path)?, query)?;
+        assert_eq!(r.status, 201, "{name}: {}", r.body);
+        assert_eq!(r.body["component"]["loaded-from"], "compiled");
+    }
+    let count_before = agent.wait_for(Duration::from_secs(10), "timer ticks", |a| {
+        let n = a.component("timer")?["invocations"].as_u64().unwrap_or(0);
+        Ok((n >= 3).then_some(n))
+    })?;
+    let hello = agent.request("GET", "/hello", None)?;
+    assert_eq!((hello.status, hello.body.as_str()), (200, Some("hello from perch\n")));
+    agent.kill9();
+    drop(src);
+
+    let mut offline = Perchd::start(dir.path(), Launch { offline: true, ..Launch::default() })?;
+    let status = offline.get("/v1/status")?;
+    let components = status["components"].as_array().cloned().unwrap_or_default();
+    assert_eq!(components.len(), 3, "{status}");
+    for c in &components {
+        assert_eq!(c["state"], "running", "{c}");
+        assert_eq!(c["loaded-from"], "cached", "precompiled code was reused: {c}");
+    }
+    // The timer's key-value count survived and keeps growing from where it was.
+    let log = offline.wait_for(Duration::from_secs(10), "timer to tick offline", |a| {
+        let logs = a.get("/v1/components/timer/logs?limit=200")?.to_string();
+        Ok(logs.contains("timer started, count=").then_some(logs))
+    })?;
+    let started_at: u64 = log
+        .split("timer started, count=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .expect("count in the startup line");
+    assert!(started_at >= count_before, "kv count persisted ({started_at} >= {count_before})");
+    let hello = offline.request("GET", "/hello", None)?;
+    assert_eq!((hello.status, hello.body.as_str()), (200, Some("hello from perch\n")));
+    let r = offline.publish("misbehave.ok", b"")?;
+    assert_eq!(r.body["delivered"], 1);
+    // The namespace really has no network: only loopback exists.
+    let links = std::process::Command::new("nsenter")
+        .args(["-t", &offline.pid().to_string(), "-n", "--", "ip", "-o", "link"])
+        .output()?;
+    let links = String::from_utf8_lossy(&links.stdout).to_string();
+    assert_eq!(links.lines().count(), 1, "only loopback: {links}");
+    assert!(offline.stop()?.success());
+    Ok(())
+}
