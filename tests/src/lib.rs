@@ -30,13 +30,15 @@ pub mod examples {
     }
 }
 
-/// The `perchd` binary: `$PERCHD_BIN`, or `perchd` next to the test binary's `deps/` folder.
+/// The `perchd` binary: `$PERCHD_BIN`, or `perchd` in the same cargo profile directory.
 pub fn perchd_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("PERCHD_BIN") {
         return PathBuf::from(p);
     }
+    // Tests run from `<profile>/deps/`, bench binaries from `<profile>/`.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let dir = exe.parent().expect("exe dir");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir };
     let bin = dir.join("perchd");
     assert!(
         bin.exists(),

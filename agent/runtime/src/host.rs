@@ -52,12 +52,6 @@ impl std::fmt::Debug for ComponentCtx {
     }
 }
 
-impl ComponentCtx {
-    fn kv_namespace(&self) -> String {
-        format!("kv/{}", self.name)
-    }
-}
-
 /// Enforces a component's memory limit and records its peak, for status.
 #[derive(Debug)]
 pub struct Limiter {
@@ -194,7 +188,7 @@ impl perch::device::log::Host for Host {
 impl perch::device::kv::Host for Host {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, GuestError> {
         check_key(&key)?;
-        self.ctx.store.kv_get(&self.ctx.kv_namespace(), &key).map_err(io_error)
+        self.ctx.store.kv_get(&self.ctx.name, &key).map_err(io_error)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), GuestError> {
@@ -205,16 +199,16 @@ impl perch::device::kv::Host for Host {
                 value.len()
             )));
         }
-        self.ctx.store.kv_set(&self.ctx.kv_namespace(), &key, &value).map_err(io_error)
+        self.ctx.store.kv_set(&self.ctx.name, &key, &value).map_err(io_error)
     }
 
     fn delete(&mut self, key: String) -> Result<bool, GuestError> {
         check_key(&key)?;
-        self.ctx.store.kv_delete(&self.ctx.kv_namespace(), &key).map_err(io_error)
+        self.ctx.store.kv_delete(&self.ctx.name, &key).map_err(io_error)
     }
 
     fn keys(&mut self) -> Result<Vec<String>, GuestError> {
-        self.ctx.store.kv_keys(&self.ctx.kv_namespace()).map_err(io_error)
+        self.ctx.store.kv_keys(&self.ctx.name).map_err(io_error)
     }
 }
 

@@ -2,11 +2,12 @@
 //!
 //! sled 0.34.7 on Linux writes its log into the single file `db` and only asks the kernel to
 //! start writeback (`sync_file_range`) when flushing; a real `fsync` of `db` runs only in the
-//! background flusher every `flush_every_ms`. Values whose log message is larger than about a
-//! quarter of a segment (512 KiB / 4, i.e. ~128 KiB) are written to `blobs/<lsn>` files,
-//! which sled never syncs at all. The snapshot `snap.<lsn>` is synced by sled before it is
-//! renamed into place, but the rename (a directory entry) is not, and `conf` is written once
-//! without a sync. This module closes those gaps.
+//! background flusher every `flush_every_ms`. Pages (a tree node with its values) whose log
+//! record is larger than about a quarter of a segment (512 KiB / 4, i.e. ~128 KiB) are
+//! written to `blobs/<lsn>` files, which sled never syncs at all (`blob_io.rs`). The
+//! snapshot `snap.<lsn>` is synced by sled before it is renamed into place, but the rename
+//! (a directory entry) is not, and `conf` is written once without a sync. This module closes
+//! those gaps.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -47,7 +48,10 @@ impl BlobFiles {
     /// Syncs every blob file in `dir` not synced yet, then `dir` itself when files were
     /// added or removed. Returns how many files were synced.
     pub(crate) fn sync(&self, dir: &Path) -> Result<usize, StoreError> {
-        let mut synced = self.synced.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut synced = self
+            .synced
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let mut seen = HashMap::with_capacity(synced.len());
         let mut newly_synced = 0;
         for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
@@ -70,7 +74,8 @@ impl BlobFiles {
             }
             seen.insert(name, len);
         }
-        let dir_changed = seen.len() != synced.len() || seen.keys().any(|n| !synced.contains_key(n));
+        let dir_changed =
+            seen.len() != synced.len() || seen.keys().any(|n| !synced.contains_key(n));
         if dir_changed {
             sync_dir(dir)?;
         }
@@ -84,7 +89,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blob_files_are_synced_once_and_again_when_they_grow() -> Result<(), Box<dyn std::error::Error>> {
+    fn blob_files_are_synced_once_and_again_when_they_grow()
+    -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let files = BlobFiles::default();
         assert_eq!(files.sync(dir.path())?, 0);
@@ -92,7 +98,11 @@ mod tests {
         std::fs::write(dir.path().join("100"), b"abc")?;
         std::fs::write(dir.path().join("200"), b"defg")?;
         assert_eq!(files.sync(dir.path())?, 2);
-        assert_eq!(files.sync(dir.path())?, 0, "unchanged files are not synced again");
+        assert_eq!(
+            files.sync(dir.path())?,
+            0,
+            "unchanged files are not synced again"
+        );
 
         std::fs::write(dir.path().join("200"), b"defgh")?;
         std::fs::write(dir.path().join("300"), b"x")?;

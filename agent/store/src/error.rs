@@ -30,6 +30,15 @@ pub enum StoreError {
         source: sled::Error,
     },
 
+    /// the sled database at `{path}` cannot be recovered: {reason}
+    #[error("the sled database at `{}` cannot be recovered: {reason}; move the directory aside to start with an empty store", .path.display())]
+    Unrecoverable {
+        /// The store directory.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// the store at `{path}` has format `{found}`; this agent reads `{expected}`
     #[error("the store at `{}` has format `{found}`; this agent reads `{expected}`", .path.display())]
     UnsupportedFormat {

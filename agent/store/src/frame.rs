@@ -1,18 +1,14 @@
 //! Checksummed values: `[sha256 of payload (32 bytes)][payload]`.
 //!
 //! sled checks its own log with crc32, but a value can still come back wrong (a torn write
-//! sled did not notice, a bug, a bit flip in memory or on flash). Artifacts are executable
-//! code and journal entries decide what runs, so both carry a sha256 of their own.
+//! sled did not notice, a bug, a bit flip in memory or on flash). Journal entries decide what
+//! runs, so they carry a sha256 of their own (blobs and artifacts carry theirs in their
+//! object header, see `objects`).
 
 use perch_core::Digest;
 
 /// Length of the checksum in front of every sealed value.
 pub(crate) const CHECKSUM_LEN: usize = 32;
-
-/// `payload` with its checksum in front.
-pub(crate) fn seal(payload: &[u8]) -> Vec<u8> {
-    seal_parts(&[payload])
-}
 
 /// The concatenation of `parts` with its checksum in front.
 pub(crate) fn seal_parts(parts: &[&[u8]]) -> Vec<u8> {
@@ -54,6 +50,10 @@ pub(crate) fn open(sealed: &[u8]) -> Result<&[u8], String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seal(payload: &[u8]) -> Vec<u8> {
+        seal_parts(&[payload])
+    }
 
     #[test]
     fn sealed_values_open_to_their_payload() {

@@ -18,6 +18,7 @@
 mod durable;
 mod error;
 mod frame;
+mod objects;
 mod sled_store;
 
 use perch_core::Digest;
@@ -56,14 +57,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Stores the precompiled native artifact of blob `digest` for the engine identified by
     /// `fingerprint` (the runtime's engine/config hash), replacing an older one.
-    fn put_artifact(&self, digest: &Digest, fingerprint: &str, bytes: &[u8])
-    -> Result<(), StoreError>;
+    fn put_artifact(
+        &self,
+        digest: &Digest,
+        fingerprint: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError>;
 
     /// The artifact of blob `digest` for engine `fingerprint`. An artifact whose checksum no
     /// longer matches (truncated, bit-flipped) is removed and reported as
     /// [`StoreError::Corrupt`].
-    fn get_artifact(&self, digest: &Digest, fingerprint: &str)
-    -> Result<Option<Vec<u8>>, StoreError>;
+    fn get_artifact(
+        &self,
+        digest: &Digest,
+        fingerprint: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Removes every artifact built for an engine other than `keep_fingerprint` (after an
     /// agent upgrade they can never be used again) and returns how many were removed.

@@ -1,10 +1,11 @@
 //! [`SledStore`]: the [`Store`] on one sled 0.34 database.
 //!
 //! Layout (sled trees):
-//! - `perch/blobs`: digest (32 bytes) -> blob bytes, verified against the key on read.
-//! - `perch/blob-sizes`: digest -> size (u64 BE), written in the same transaction as the
-//!   blob, so listing and `has_blob` never read blob bytes.
-//! - `perch/artifacts`: digest ++ engine fingerprint -> sealed artifact ([`crate::frame`]).
+//! - `perch/blobs`: digest (32 bytes) -> object header (size, object id, sha256).
+//! - `perch/artifacts`: digest ++ engine fingerprint -> object header.
+//! - `perch/chunks`: object id (u64 BE) ++ chunk index (u64 BE) -> up to
+//!   [`crate::objects::CHUNK_SIZE`] bytes of a blob or artifact ([`crate::objects`] says why).
+//!   A header and its chunks are written and removed in one transaction.
 //! - `perch/journal`: `current`, `previous` -> sealed (generation u64 BE ++ document);
 //!   `generation` -> the last generation handed out.
 //! - `perch/meta`: `format` -> [`FORMAT`].
@@ -12,21 +13,24 @@
 
 use std::convert::Infallible;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 
 use perch_core::Digest;
-use sled::{Transactional, Tree};
 use sled::transaction::ConflictableTransactionError;
-use tracing::{Span, debug, info, instrument, warn};
+use sled::{Transactional, Tree};
+use tracing::{Span, debug, error, info, instrument, warn};
 
 use crate::durable::{BlobFiles, sync_dir, sync_file};
 use crate::error::{io_err, sled_err, tx_err};
 use crate::frame;
+use crate::objects::{self, Header, ReadError};
 use crate::{Journal, JournalEntry, Store, StoreError};
 
-/// sled's page cache size unless configured: sled's own default (1 GiB) is sized for
-/// servers; a few MiB keeps a small device's RSS down while the working set (the journal,
-/// kv data, the blob being loaded) still fits.
+/// sled's page cache size unless configured. sled's own default (1 GiB) is sized for
+/// servers. sled's accounting is loose, so this is not an RSS bound: measured here with
+/// 4 MiB, reading 28 MiB of blobs took a fresh process to ~44 MB RSS, writing 40 MiB to
+/// ~110 MB (the same with 256 KiB or 64 MiB), 200k small kv writes levelled off at ~34 MB.
 pub const DEFAULT_CACHE_CAPACITY: u64 = 4 * 1024 * 1024;
 
 /// How often sled's background thread flushes and fsyncs `db`, in milliseconds (sled's own
@@ -34,11 +38,12 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 4 * 1024 * 1024;
 /// [`Store::sync`] for; acknowledged writes do not depend on it.
 pub const DEFAULT_FLUSH_EVERY_MS: u64 = 500;
 
-/// The on-disk format this build reads and writes, recorded in the store on creation.
+/// The on-disk format this build reads and writes, recorded in the store on creation. The
+/// tree layout and the chunk size are part of it.
 pub const FORMAT: &str = "perch-store/1";
 
 const BLOBS: &str = "perch/blobs";
-const BLOB_SIZES: &str = "perch/blob-sizes";
+const CHUNKS: &str = "perch/chunks";
 const ARTIFACTS: &str = "perch/artifacts";
 const JOURNAL: &str = "perch/journal";
 const META: &str = "perch/meta";
@@ -76,9 +81,11 @@ impl Default for SledOptions {
 
 /// The [`Store`] on a sled 0.34 database in one directory.
 ///
-/// sled keeps its log in `<dir>/db`, values too large for a log segment (over ~128 KiB
-/// with sled's 512 KiB segments) in `<dir>/blobs/<lsn>`, its settings in `<dir>/conf` and a
-/// page-table snapshot in `<dir>/snap.<lsn>`. [`Store::sync`] calls sled's `flush()` and then
+/// sled keeps its log in `<dir>/db`; a page (a tree node with its values) whose log record
+/// is over ~128 KiB (a quarter of sled's 512 KiB segment) goes to its own file
+/// `<dir>/blobs/<lsn>` instead; its settings are in `<dir>/conf` and a page-table snapshot
+/// in `<dir>/snap.<lsn>`. Blobs and artifacts are stored in 4 KiB chunks so their pages stay
+/// in the log. [`Store::sync`] calls sled's `flush()` and then
 /// `fdatasync`s the blob files not synced before, the `blobs` directory when its entries
 /// changed, and `db`; opening also syncs `conf` and the store directory.
 pub struct SledStore {
@@ -86,8 +93,8 @@ pub struct SledStore {
     options: SledOptions,
     db: sled::Db,
     blobs: Tree,
-    blob_sizes: Tree,
     artifacts: Tree,
+    chunks: Tree,
     journal: Tree,
     blob_files: BlobFiles,
 }
@@ -108,26 +115,38 @@ impl SledStore {
     /// another format.
     pub fn open(path: impl AsRef<Path>, options: &SledOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let created = prepare_dir(&path)?;
+        let found = prepare_dir(&path)?;
 
-        let mut config = sled::Config::new()
+        let config = sled::Config::new()
             .path(&path)
             .cache_capacity(options.cache_capacity)
-            .mode(sled::Mode::LowSpace);
-        config = config.flush_every_ms(options.flush_every_ms);
-        let db = config.open().map_err(|source| StoreError::Open {
-            path: path.clone(),
-            source,
-        })?;
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(options.flush_every_ms);
+        // sled 0.34 panics on some corrupt logs instead of returning an error (seen here:
+        // "tried to serialize Uninitialized" after bytes in a live segment were flipped).
+        // With `panic = "abort"` (the firmware profile) this cannot help and the process dies.
+        let db = std::panic::catch_unwind(AssertUnwindSafe(|| config.open()))
+            .map_err(|panic| StoreError::Unrecoverable {
+                path: path.clone(),
+                reason: format!(
+                    "sled panicked while recovering its log: {}",
+                    panic_message(&*panic)
+                ),
+            })?
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
 
         let open_tree = |name: &'static str| {
-            db.open_tree(name)
-                .map_err(sled_err(|| format!("opening tree `{name}` in `{}`", path.display())))
+            db.open_tree(name).map_err(sled_err(|| {
+                format!("opening tree `{name}` in `{}`", path.display())
+            }))
         };
         let meta = open_tree(META)?;
         let store = Self {
             blobs: open_tree(BLOBS)?,
-            blob_sizes: open_tree(BLOB_SIZES)?,
+            chunks: open_tree(CHUNKS)?,
             artifacts: open_tree(ARTIFACTS)?,
             journal: open_tree(JOURNAL)?,
             blob_files: BlobFiles::default(),
@@ -135,7 +154,8 @@ impl SledStore {
             path,
             db,
         };
-        store.check_format(&meta)?;
+        store.check_format(&meta, found)?;
+        store.probe()?;
 
         // Make the creation itself durable: sled writes `conf` once without syncing it,
         // renames its snapshot into place without syncing the directory, and a new store
@@ -143,7 +163,9 @@ impl SledStore {
         store.sync()?;
         sync_file(&store.path.join(SLED_CONF_FILE))?;
         sync_dir(&store.path)?;
-        if created && let Some(parent) = store.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if found == Found::Nothing
+            && let Some(parent) = store.path.parent().filter(|p| !p.as_os_str().is_empty())
+        {
             sync_dir(parent)?;
         }
         info!(
@@ -159,16 +181,26 @@ impl SledStore {
         &self.path
     }
 
-    fn check_format(&self, meta: &Tree) -> Result<(), StoreError> {
-        let found = meta
+    fn check_format(&self, meta: &Tree, found: Found) -> Result<(), StoreError> {
+        let marker = meta
             .get(FORMAT_KEY)
             .map_err(sled_err(|| "reading the store format marker".into()))?;
-        match found {
-            Some(found) if found == FORMAT.as_bytes() => Ok(()),
-            Some(found) => Err(StoreError::UnsupportedFormat {
+        match marker {
+            Some(marker) if marker == FORMAT.as_bytes() => Ok(()),
+            Some(marker) => Err(StoreError::UnsupportedFormat {
                 path: self.path.clone(),
-                found: String::from_utf8_lossy(&found).into_owned(),
+                found: String::from_utf8_lossy(&marker).into_owned(),
                 expected: FORMAT,
+            }),
+            // sled does not fail on a log it cannot read: it starts empty (measured here
+            // with a `db` file of garbage). Every store gets its marker on first open, so
+            // an existing `db` without one lost its contents, or never was a perch store.
+            None if found == Found::SledFiles => Err(StoreError::Unrecoverable {
+                path: self.path.clone(),
+                reason: "sled recovered no perch data from the existing `db` file (it is \
+                         corrupt, belongs to another program, or the store's first open was \
+                         interrupted)"
+                    .into(),
             }),
             None => {
                 meta.insert(FORMAT_KEY, FORMAT.as_bytes())
@@ -178,20 +210,157 @@ impl SledStore {
         }
     }
 
-    fn remove_corrupt_blob(&self, digest: &Digest, stored: &sled::IVec) -> Result<bool, StoreError> {
-        let key = digest.as_bytes();
-        // Only remove what was read: a concurrent put may already have replaced it.
-        (&self.blobs, &self.blob_sizes)
-            .transaction(|(blobs, sizes)| {
-                if blobs.get(key)?.as_ref() == Some(stored) {
-                    blobs.remove(key)?;
-                    sizes.remove(key)?;
-                    Ok::<_, ConflictableTransactionError<Infallible>>(true)
-                } else {
-                    Ok(false)
+    /// Stores `bytes` as a new object under `key` in `headers`, replacing (and freeing) the
+    /// object stored there before, in one transaction.
+    fn put_object(&self, headers: &Tree, key: &[u8], bytes: &[u8]) -> Result<(), StoreError> {
+        let id = self
+            .db
+            .generate_id()
+            .map_err(sled_err(|| "allocating an object id".into()))?;
+        let header = Header {
+            size: bytes.len() as u64,
+            id,
+            checksum: Digest::of(bytes),
+        };
+        (headers, &self.chunks)
+            .transaction(|(headers, chunks)| {
+                if let Some(old) = headers.get(key)?
+                    && let Ok(old) = Header::decode(&old)
+                {
+                    objects::remove_chunks(chunks, &old)?;
                 }
+                objects::write_chunks(chunks, id, bytes)?;
+                headers.insert(key, &header.encode()[..])?;
+                Ok::<_, ConflictableTransactionError<Infallible>>(())
             })
-            .map_err(tx_err(|| format!("removing corrupt blob {digest}")))
+            .map_err(tx_err(|| "storing an object".into()))
+    }
+
+    /// Reads the object under `key` in `headers`, which must hash to `expected` when given.
+    /// A corrupt object is removed and reported as corrupt; `what` names it and `after` says
+    /// what the caller can do.
+    fn get_object(
+        &self,
+        headers: &Tree,
+        key: &[u8],
+        expected: Option<&Digest>,
+        what: impl Fn() -> String,
+        after: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        // A concurrent replacement frees the chunks being read; that is a retry, not damage.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let Some(raw) = headers
+                .get(key)
+                .map_err(sled_err(|| format!("reading {}", what())))?
+            else {
+                return Ok(None);
+            };
+            let detail = match Header::decode(&raw) {
+                Ok(header) if expected.is_some_and(|e| *e != header.checksum) => {
+                    format!("its header says its bytes hash to {}", header.checksum)
+                }
+                Ok(header) => match objects::read(&self.chunks, &header) {
+                    Ok(bytes) => return Ok(Some(bytes)),
+                    Err(ReadError::Sled(source)) => {
+                        return Err(StoreError::Sled {
+                            action: format!("reading {}", what()),
+                            source,
+                        });
+                    }
+                    Err(ReadError::Corrupt(detail)) => detail,
+                },
+                Err(detail) => detail,
+            };
+            // A damaged header may point at another object's chunks: free them only when no
+            // other header does.
+            let free = match Header::decode(&raw) {
+                Ok(header) if !self.object_is_shared(header.id, headers, key)? => Some(header),
+                _ => None,
+            };
+            // Remove it only if nobody replaced it meanwhile.
+            let removed = (headers, &self.chunks)
+                .transaction(|(headers, chunks)| {
+                    if headers.get(key)?.as_ref() != Some(&raw) {
+                        return Ok::<_, ConflictableTransactionError<Infallible>>(false);
+                    }
+                    headers.remove(key)?;
+                    if let Some(header) = &free {
+                        objects::remove_chunks(chunks, header)?;
+                    }
+                    Ok(true)
+                })
+                .map_err(tx_err(|| format!("removing the corrupt {}", what())))?;
+            if !removed && attempts < 3 {
+                continue;
+            }
+            warn!(what = what(), removed, "store.object_corrupt");
+            let outcome = if removed {
+                format!("the entry was removed {after}")
+            } else {
+                "it was replaced while being read".to_string()
+            };
+            return Err(StoreError::Corrupt {
+                what: what(),
+                detail: format!("{detail}; {outcome}"),
+            });
+        }
+    }
+
+    /// Whether a header other than `key` in `headers` points at object `id`.
+    fn object_is_shared(&self, id: u64, headers: &Tree, key: &[u8]) -> Result<bool, StoreError> {
+        for tree in [&self.blobs, &self.artifacts] {
+            for item in tree.iter() {
+                let (k, raw) = item.map_err(sled_err(|| "listing object headers".into()))?;
+                if tree.name() == headers.name() && k == key {
+                    continue;
+                }
+                if Header::decode(&raw).is_ok_and(|h| h.id == id) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Runs `op`, turning a sled panic into [`StoreError::Unrecoverable`]. sled 0.34 panics
+    /// on some damaged logs instead of returning an error (seen here: "cannot find pid 13 in
+    /// view_for_key" reading a tree after bytes in a live segment were flipped); an error
+    /// lets the agent report it and decide. Does nothing under `panic = "abort"`.
+    fn guarded<T>(
+        &self,
+        action: impl FnOnce() -> String,
+        op: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        std::panic::catch_unwind(AssertUnwindSafe(op)).unwrap_or_else(|panic| {
+            let action = action();
+            let message = panic_message(&*panic);
+            error!(path = %self.path.display(), action, message, "store.sled_panic");
+            Err(StoreError::Unrecoverable {
+                path: self.path.clone(),
+                reason: format!("sled panicked while {action}: {message}"),
+            })
+        })
+    }
+
+    /// Reads what the agent needs first (journal, blob index) so a damaged database is
+    /// reported by `open` rather than on first use.
+    fn probe(&self) -> Result<(), StoreError> {
+        self.guarded(
+            || "checking the journal and the blob index".into(),
+            || {
+                for key in [CURRENT, PREVIOUS, GENERATION] {
+                    self.journal
+                        .get(key)
+                        .map_err(sled_err(|| "reading the desired-state journal".into()))?;
+                }
+                for item in self.blobs.iter() {
+                    item.map_err(sled_err(|| "listing blobs".into()))?;
+                }
+                Ok(())
+            },
+        )
     }
 
     fn kv_tree_name(ns: &str) -> Result<String, StoreError> {
@@ -218,8 +387,19 @@ impl SledStore {
     }
 }
 
-/// Checks that `path` can hold a store; creates it when missing (returns `true` then).
-fn prepare_dir(path: &Path) -> Result<bool, StoreError> {
+/// What [`prepare_dir`] found at the store path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Nothing: the directory was created.
+    Nothing,
+    /// An empty directory, or one with only sled's `blobs` directory or an empty `db`.
+    Empty,
+    /// A non-empty sled `db` file.
+    SledFiles,
+}
+
+/// Checks that `path` can hold a store and creates it when missing.
+fn prepare_dir(path: &Path) -> Result<Found, StoreError> {
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_dir() => Err(StoreError::NotAStore {
             path: path.to_path_buf(),
@@ -227,10 +407,16 @@ fn prepare_dir(path: &Path) -> Result<bool, StoreError> {
         }),
         Ok(_) => {
             let mut has_sled_file = false;
+            let mut db_has_data = false;
             let mut has_other = false;
             for entry in std::fs::read_dir(path).map_err(io_err("list", path))? {
-                let name = entry.map_err(io_err("list", path))?.file_name();
-                if name == SLED_DB_FILE || name == SLED_CONF_FILE {
+                let entry = entry.map_err(io_err("list", path))?;
+                let name = entry.file_name();
+                if name == SLED_DB_FILE {
+                    has_sled_file = true;
+                    let meta = entry.metadata().map_err(io_err("inspect", &entry.path()))?;
+                    db_has_data = meta.len() > 0;
+                } else if name == SLED_CONF_FILE {
                     has_sled_file = true;
                 } else if name != SLED_BLOB_DIR {
                     has_other = true;
@@ -242,14 +428,26 @@ fn prepare_dir(path: &Path) -> Result<bool, StoreError> {
                     reason: "the directory holds other files and no sled database (`db`, `conf`)",
                 });
             }
-            Ok(false)
+            Ok(if db_has_data {
+                Found::SledFiles
+            } else {
+                Found::Empty
+            })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(path).map_err(io_err("create directory", path))?;
-            Ok(true)
+            Ok(Found::Nothing)
         }
         Err(e) => Err(io_err("inspect", path)(e)),
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 fn encode_entry(generation: u64, doc: &[u8]) -> Vec<u8> {
@@ -293,6 +491,17 @@ fn artifact_key(digest: &Digest, fingerprint: &str) -> Result<Vec<u8>, StoreErro
     Ok(key)
 }
 
+/// Names the operation in a sled error raised by a shared helper.
+fn with_action(e: StoreError, action: impl FnOnce() -> String) -> StoreError {
+    match e {
+        StoreError::Sled { source, .. } => StoreError::Sled {
+            action: action(),
+            source,
+        },
+        other => other,
+    }
+}
+
 fn digest_from_key(key: &[u8], tree: &str) -> Result<Digest, StoreError> {
     <[u8; 32]>::try_from(key)
         .map(Digest::from_bytes)
@@ -304,275 +513,360 @@ fn digest_from_key(key: &[u8], tree: &str) -> Result<Digest, StoreError> {
 
 impl Store for SledStore {
     fn put_blob(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<Digest, StoreError> {
-        let actual = Digest::of(bytes);
-        if let Some(expected) = expected
-            && *expected != actual
-        {
-            return Err(StoreError::DigestMismatch {
-                expected: *expected,
-                actual,
-            });
-        }
-        let key = actual.as_bytes();
-        let present = self
-            .blob_sizes
-            .contains_key(key)
-            .map_err(sled_err(|| format!("looking up blob {actual}")))?;
-        if present {
-            return Ok(actual);
-        }
-        let size = (bytes.len() as u64).to_be_bytes();
-        (&self.blobs, &self.blob_sizes)
-            .transaction(|(blobs, sizes)| {
-                blobs.insert(&key[..], bytes)?;
-                sizes.insert(&key[..], &size[..])?;
-                Ok::<_, ConflictableTransactionError<Infallible>>(())
-            })
-            .map_err(tx_err(|| format!("storing blob {actual}")))?;
-        debug!(digest = %actual, size = bytes.len(), "store.put_blob");
-        Ok(actual)
+        self.guarded(
+            || "storing a blob".into(),
+            || {
+                let actual = Digest::of(bytes);
+                if let Some(expected) = expected
+                    && *expected != actual
+                {
+                    return Err(StoreError::DigestMismatch {
+                        expected: *expected,
+                        actual,
+                    });
+                }
+                let key = actual.as_bytes();
+                let present = self
+                    .blobs
+                    .contains_key(key)
+                    .map_err(sled_err(|| format!("looking up blob {actual}")))?;
+                if !present {
+                    self.put_object(&self.blobs, key, bytes)
+                        .map_err(|e| with_action(e, || format!("storing blob {actual}")))?;
+                    debug!(digest = %actual, size = bytes.len(), "store.put_blob");
+                }
+                Ok(actual)
+            },
+        )
     }
 
     fn get_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
-        let stored = self
-            .blobs
-            .get(digest.as_bytes())
-            .map_err(sled_err(|| format!("reading blob {digest}")))?;
-        let Some(stored) = stored else {
-            return Ok(None);
-        };
-        if digest.matches(&stored) {
-            return Ok(Some(stored.to_vec()));
-        }
-        let actual = Digest::of(&stored);
-        self.remove_corrupt_blob(digest, &stored)?;
-        warn!(digest = %digest, actual = %actual, "store.blob_corrupt: removed");
-        Err(StoreError::Corrupt {
-            what: format!("blob {digest}"),
-            detail: format!(
-                "its {} bytes hash to {actual}; the entry was removed so it can be fetched again",
-                stored.len()
-            ),
-        })
+        self.guarded(
+            || format!("reading blob {digest}"),
+            || {
+                self.get_object(
+                    &self.blobs,
+                    digest.as_bytes(),
+                    Some(digest),
+                    || format!("blob {digest}"),
+                    "so it can be fetched again",
+                )
+            },
+        )
     }
 
     fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
-        self.blob_sizes
-            .contains_key(digest.as_bytes())
-            .map_err(sled_err(|| format!("looking up blob {digest}")))
+        self.guarded(
+            || format!("looking up blob {digest}"),
+            || {
+                self.blobs
+                    .contains_key(digest.as_bytes())
+                    .map_err(sled_err(|| format!("looking up blob {digest}")))
+            },
+        )
     }
 
     fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
-        let key = digest.as_bytes();
-        let artifact_keys = self
-            .artifacts
-            .scan_prefix(key)
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sled_err(|| format!("listing artifacts of blob {digest}")))?;
-        (&self.blobs, &self.blob_sizes, &self.artifacts)
-            .transaction(|(blobs, sizes, artifacts)| {
-                blobs.remove(key)?;
-                sizes.remove(key)?;
-                for artifact in &artifact_keys {
-                    artifacts.remove(artifact)?;
-                }
-                Ok::<_, ConflictableTransactionError<Infallible>>(())
-            })
-            .map_err(tx_err(|| format!("removing blob {digest}")))?;
-        debug!(digest = %digest, artifacts = artifact_keys.len(), "store.remove_blob");
-        Ok(())
+        self.guarded(
+            || format!("removing blob {digest}"),
+            || {
+                let key = digest.as_bytes();
+                let artifact_keys = self
+                    .artifacts
+                    .scan_prefix(key)
+                    .keys()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(sled_err(|| format!("listing artifacts of blob {digest}")))?;
+                (&self.blobs, &self.artifacts, &self.chunks)
+                    .transaction(|(blobs, artifacts, chunks)| {
+                        if let Some(raw) = blobs.remove(key)?
+                            && let Ok(header) = Header::decode(&raw)
+                        {
+                            objects::remove_chunks(chunks, &header)?;
+                        }
+                        for artifact in &artifact_keys {
+                            if let Some(raw) = artifacts.remove(artifact)?
+                                && let Ok(header) = Header::decode(&raw)
+                            {
+                                objects::remove_chunks(chunks, &header)?;
+                            }
+                        }
+                        Ok::<_, ConflictableTransactionError<Infallible>>(())
+                    })
+                    .map_err(tx_err(|| format!("removing blob {digest}")))?;
+                debug!(digest = %digest, artifacts = artifact_keys.len(), "store.remove_blob");
+                Ok(())
+            },
+        )
     }
 
     fn blobs(&self) -> Result<Vec<(Digest, u64)>, StoreError> {
-        self.blob_sizes
-            .iter()
-            .map(|item| {
-                let (key, value) = item.map_err(sled_err(|| "listing blobs".into()))?;
-                let digest = digest_from_key(&key, BLOB_SIZES)?;
-                let size = <[u8; 8]>::try_from(value.as_ref())
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt {
-                        what: format!("size record of blob {digest}"),
-                        detail: format!("it is {} bytes, not 8", value.len()),
-                    })?;
-                Ok((digest, size))
-            })
-            .collect()
+        self.guarded(
+            || "listing blobs".into(),
+            || {
+                self.blobs
+                    .iter()
+                    .map(|item| {
+                        let (key, value) = item.map_err(sled_err(|| "listing blobs".into()))?;
+                        let digest = digest_from_key(&key, BLOBS)?;
+                        let header =
+                            Header::decode(&value).map_err(|detail| StoreError::Corrupt {
+                                what: format!("blob {digest}"),
+                                detail,
+                            })?;
+                        Ok((digest, header.size))
+                    })
+                    .collect()
+            },
+        )
     }
 
-    fn put_artifact(&self, digest: &Digest, fingerprint: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let key = artifact_key(digest, fingerprint)?;
-        self.artifacts
-            .insert(key, frame::seal(bytes))
-            .map_err(sled_err(|| {
-                format!("storing the artifact of blob {digest} for engine `{fingerprint}`")
-            }))?;
-        debug!(digest = %digest, fingerprint, size = bytes.len(), "store.put_artifact");
-        Ok(())
+    fn put_artifact(
+        &self,
+        digest: &Digest,
+        fingerprint: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        self.guarded(
+            || format!("storing the artifact of blob {digest} for engine `{fingerprint}`"),
+            || {
+                let key = artifact_key(digest, fingerprint)?;
+                self.put_object(&self.artifacts, &key, bytes).map_err(|e| {
+                    with_action(e, || {
+                        format!("storing the artifact of blob {digest} for engine `{fingerprint}`")
+                    })
+                })?;
+                debug!(digest = %digest, fingerprint, size = bytes.len(), "store.put_artifact");
+                Ok(())
+            },
+        )
     }
 
-    fn get_artifact(&self, digest: &Digest, fingerprint: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = artifact_key(digest, fingerprint)?;
-        let what = || format!("artifact of blob {digest} for engine `{fingerprint}`");
-        let stored = self
-            .artifacts
-            .get(&key)
-            .map_err(sled_err(|| format!("reading the {}", what())))?;
-        let Some(stored) = stored else {
-            return Ok(None);
-        };
-        let detail = match frame::open(&stored) {
-            Ok(artifact) => return Ok(Some(artifact.to_vec())),
-            Err(detail) => detail,
-        };
-        // Remove it only if nobody replaced it meanwhile; either way this read failed.
-        let _ = self
-            .artifacts
-            .compare_and_swap(&key, Some(&stored), None::<&[u8]>)
-            .map_err(sled_err(|| format!("removing the corrupt {}", what())))?;
-        warn!(digest = %digest, fingerprint, "store.artifact_corrupt: removed");
-        Err(StoreError::Corrupt {
-            what: what(),
-            detail: format!("{detail}; the entry was removed so it can be compiled again"),
-        })
+    fn get_artifact(
+        &self,
+        digest: &Digest,
+        fingerprint: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.guarded(
+            || format!("reading the artifact of blob {digest} for engine `{fingerprint}`"),
+            || {
+                let key = artifact_key(digest, fingerprint)?;
+                self.get_object(
+                    &self.artifacts,
+                    &key,
+                    None,
+                    || format!("artifact of blob {digest} for engine `{fingerprint}`"),
+                    "so it can be compiled again",
+                )
+            },
+        )
     }
 
     fn prune_artifacts(&self, keep_fingerprint: &str) -> Result<u64, StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
-        for key in self.artifacts.iter().keys() {
-            let key = key.map_err(sled_err(|| "listing artifacts".into()))?;
-            if key.get(32..) != Some(keep_fingerprint.as_bytes()) {
-                batch.remove(key);
-                removed += 1;
-            }
-        }
-        self.artifacts
-            .apply_batch(batch)
-            .map_err(sled_err(|| format!("removing artifacts not built for engine `{keep_fingerprint}`")))?;
-        if removed > 0 {
-            info!(removed, keep = keep_fingerprint, "store.prune_artifacts");
-        }
-        Ok(removed)
+        self.guarded(
+            || "pruning artifacts".into(),
+            || {
+                let mut stale = Vec::new();
+                for key in self.artifacts.iter().keys() {
+                    let key = key.map_err(sled_err(|| "listing artifacts".into()))?;
+                    if key.get(32..) != Some(keep_fingerprint.as_bytes()) {
+                        stale.push(key);
+                    }
+                }
+                (&self.artifacts, &self.chunks)
+                    .transaction(|(artifacts, chunks)| {
+                        for key in &stale {
+                            if let Some(raw) = artifacts.remove(key)?
+                                && let Ok(header) = Header::decode(&raw)
+                            {
+                                objects::remove_chunks(chunks, &header)?;
+                            }
+                        }
+                        Ok::<_, ConflictableTransactionError<Infallible>>(())
+                    })
+                    .map_err(tx_err(|| {
+                        format!("removing artifacts not built for engine `{keep_fingerprint}`")
+                    }))?;
+                let removed = stale.len() as u64;
+                if removed > 0 {
+                    info!(removed, keep = keep_fingerprint, "store.prune_artifacts");
+                }
+                Ok(removed)
+            },
+        )
     }
 
     fn journal(&self) -> Result<Journal, StoreError> {
-        // One transaction so a concurrent commit cannot be seen half-way.
-        let (current, previous) = self
-            .journal
-            .transaction(|tx| {
-                Ok::<_, ConflictableTransactionError<Infallible>>((tx.get(CURRENT)?, tx.get(PREVIOUS)?))
-            })
-            .map_err(tx_err(|| "reading the desired-state journal".into()))?;
-        Ok(Journal {
-            current: journal_entry("current", current.as_deref()),
-            previous: journal_entry("previous", previous.as_deref()),
-        })
+        self.guarded(
+            || "reading the desired-state journal".into(),
+            || {
+                // One transaction so a concurrent commit cannot be seen half-way.
+                let (current, previous) = self
+                    .journal
+                    .transaction(|tx| {
+                        Ok::<_, ConflictableTransactionError<Infallible>>((
+                            tx.get(CURRENT)?,
+                            tx.get(PREVIOUS)?,
+                        ))
+                    })
+                    .map_err(tx_err(|| "reading the desired-state journal".into()))?;
+                Ok(Journal {
+                    current: journal_entry("current", current.as_deref()),
+                    previous: journal_entry("previous", previous.as_deref()),
+                })
+            },
+        )
     }
 
     #[instrument(name = "store.commit_desired", skip_all, fields(bytes = doc.len(), generation), err)]
     fn commit_desired(&self, doc: &[u8]) -> Result<u64, StoreError> {
-        let (generation, replaced_corrupt) = self
-            .journal
-            .transaction(|tx| {
-                let current = tx.get(CURRENT)?;
-                let previous = tx.get(PREVIOUS)?;
-                let counter = tx
-                    .get(GENERATION)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map_or(0, u64::from_be_bytes);
-                let generation_of =
-                    |raw: &Option<sled::IVec>| raw.as_deref().and_then(|r| decode_entry(r).ok()).map(|(g, _)| g);
-                let current_generation = generation_of(&current);
-                let next = counter
-                    .max(current_generation.unwrap_or(0))
-                    .max(generation_of(&previous).unwrap_or(0))
-                    + 1;
-                // A corrupt current document is dropped rather than shifted into
-                // `previous`, which keeps the last good document for rollback.
-                let replaced_corrupt = current.is_some() && current_generation.is_none();
-                if let (Some(current), Some(_)) = (current, current_generation) {
-                    tx.insert(PREVIOUS, current)?;
+        self.guarded(
+            || "committing to the desired-state journal".into(),
+            || {
+                let (generation, replaced_corrupt) = self
+                    .journal
+                    .transaction(|tx| {
+                        let current = tx.get(CURRENT)?;
+                        let previous = tx.get(PREVIOUS)?;
+                        let counter = tx
+                            .get(GENERATION)?
+                            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                            .map_or(0, u64::from_be_bytes);
+                        let generation_of = |raw: &Option<sled::IVec>| {
+                            raw.as_deref()
+                                .and_then(|r| decode_entry(r).ok())
+                                .map(|(g, _)| g)
+                        };
+                        let current_generation = generation_of(&current);
+                        let next = counter
+                            .max(current_generation.unwrap_or(0))
+                            .max(generation_of(&previous).unwrap_or(0))
+                            + 1;
+                        // A corrupt current document is dropped rather than shifted into
+                        // `previous`, which keeps the last good document for rollback.
+                        let replaced_corrupt = current.is_some() && current_generation.is_none();
+                        if let (Some(current), Some(_)) = (current, current_generation) {
+                            tx.insert(PREVIOUS, current)?;
+                        }
+                        tx.insert(CURRENT, encode_entry(next, doc))?;
+                        tx.insert(GENERATION, &next.to_be_bytes()[..])?;
+                        Ok::<_, ConflictableTransactionError<Infallible>>((next, replaced_corrupt))
+                    })
+                    .map_err(tx_err(|| "committing to the desired-state journal".into()))?;
+                if replaced_corrupt {
+                    warn!(
+                        generation,
+                        "store.journal_corrupt: replaced a corrupt current entry"
+                    );
                 }
-                tx.insert(CURRENT, encode_entry(next, doc))?;
-                tx.insert(GENERATION, &next.to_be_bytes()[..])?;
-                Ok::<_, ConflictableTransactionError<Infallible>>((next, replaced_corrupt))
-            })
-            .map_err(tx_err(|| "committing to the desired-state journal".into()))?;
-        if replaced_corrupt {
-            warn!(generation, "store.journal_corrupt: replaced a corrupt current entry");
-        }
-        Span::current().record("generation", generation);
-        self.sync()?;
-        Ok(generation)
+                Span::current().record("generation", generation);
+                self.sync()?;
+                Ok(generation)
+            },
+        )
     }
 
     fn kv_get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(tree) = self.existing_kv_tree(ns)? else {
-            return Ok(None);
-        };
-        tree.get(key)
-            .map(|v| v.map(|v| v.to_vec()))
-            .map_err(sled_err(|| format!("reading key `{key}` in kv namespace `{ns}`")))
+        self.guarded(
+            || format!("reading key `{key}` in kv namespace `{ns}`"),
+            || {
+                let Some(tree) = self.existing_kv_tree(ns)? else {
+                    return Ok(None);
+                };
+                tree.get(key)
+                    .map(|v| v.map(|v| v.to_vec()))
+                    .map_err(sled_err(|| {
+                        format!("reading key `{key}` in kv namespace `{ns}`")
+                    }))
+            },
+        )
     }
 
     fn kv_set(&self, ns: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let name = Self::kv_tree_name(ns)?;
-        let tree = self
-            .db
-            .open_tree(name)
-            .map_err(sled_err(|| format!("opening kv namespace `{ns}`")))?;
-        tree.insert(key, value)
-            .map_err(sled_err(|| format!("writing key `{key}` in kv namespace `{ns}`")))?;
-        Ok(())
+        self.guarded(
+            || format!("writing key `{key}` in kv namespace `{ns}`"),
+            || {
+                let name = Self::kv_tree_name(ns)?;
+                let tree = self
+                    .db
+                    .open_tree(name)
+                    .map_err(sled_err(|| format!("opening kv namespace `{ns}`")))?;
+                tree.insert(key, value).map_err(sled_err(|| {
+                    format!("writing key `{key}` in kv namespace `{ns}`")
+                }))?;
+                Ok(())
+            },
+        )
     }
 
     fn kv_delete(&self, ns: &str, key: &str) -> Result<bool, StoreError> {
-        let Some(tree) = self.existing_kv_tree(ns)? else {
-            return Ok(false);
-        };
-        tree.remove(key)
-            .map(|old| old.is_some())
-            .map_err(sled_err(|| format!("deleting key `{key}` in kv namespace `{ns}`")))
+        self.guarded(
+            || format!("deleting key `{key}` in kv namespace `{ns}`"),
+            || {
+                let Some(tree) = self.existing_kv_tree(ns)? else {
+                    return Ok(false);
+                };
+                tree.remove(key)
+                    .map(|old| old.is_some())
+                    .map_err(sled_err(|| {
+                        format!("deleting key `{key}` in kv namespace `{ns}`")
+                    }))
+            },
+        )
     }
 
     fn kv_keys(&self, ns: &str) -> Result<Vec<String>, StoreError> {
-        let Some(tree) = self.existing_kv_tree(ns)? else {
-            return Ok(Vec::new());
-        };
-        tree.iter()
-            .keys()
-            .map(|key| {
-                let key = key.map_err(sled_err(|| format!("listing kv namespace `{ns}`")))?;
-                String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt {
-                    what: format!("a key in kv namespace `{ns}`"),
-                    detail: format!("it is not UTF-8 ({} bytes)", key.len()),
-                })
-            })
-            .collect()
+        self.guarded(
+            || format!("listing kv namespace `{ns}`"),
+            || {
+                let Some(tree) = self.existing_kv_tree(ns)? else {
+                    return Ok(Vec::new());
+                };
+                tree.iter()
+                    .keys()
+                    .map(|key| {
+                        let key =
+                            key.map_err(sled_err(|| format!("listing kv namespace `{ns}`")))?;
+                        String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt {
+                            what: format!("a key in kv namespace `{ns}`"),
+                            detail: format!("it is not UTF-8 ({} bytes)", key.len()),
+                        })
+                    })
+                    .collect()
+            },
+        )
     }
 
     fn kv_drop(&self, ns: &str) -> Result<(), StoreError> {
-        let name = Self::kv_tree_name(ns)?;
-        let existed = self
-            .db
-            .drop_tree(name)
-            .map_err(sled_err(|| format!("dropping kv namespace `{ns}`")))?;
-        if existed {
-            info!(ns, "store.kv_drop");
-        }
-        Ok(())
+        self.guarded(
+            || format!("dropping kv namespace `{ns}`"),
+            || {
+                let name = Self::kv_tree_name(ns)?;
+                let existed = self
+                    .db
+                    .drop_tree(name)
+                    .map_err(sled_err(|| format!("dropping kv namespace `{ns}`")))?;
+                if existed {
+                    info!(ns, "store.kv_drop");
+                }
+                Ok(())
+            },
+        )
     }
 
     #[instrument(name = "store.sync", level = "debug", skip_all, err)]
     fn sync(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map_err(sled_err(|| format!("flushing `{}`", self.path.display())))?;
-        // Blob files first: the log in `db` points at them.
-        self.blob_files.sync(&self.path.join(SLED_BLOB_DIR))?;
-        sync_file(&self.path.join(SLED_DB_FILE))
+        self.guarded(
+            || format!("syncing `{}`", self.path.display()),
+            || {
+                self.db
+                    .flush()
+                    .map_err(sled_err(|| format!("flushing `{}`", self.path.display())))?;
+                // Blob files first: the log in `db` points at them.
+                self.blob_files.sync(&self.path.join(SLED_BLOB_DIR))?;
+                sync_file(&self.path.join(SLED_DB_FILE))
+            },
+        )
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -616,29 +910,78 @@ mod tests {
         SledStore::open(dir, &SledOptions::default())
     }
 
+    /// Damages a stored object below the `Store` API.
+    type Damage = dyn Fn(&SledStore, &Header) -> sled::Result<()>;
+
+    fn header(tree: &Tree, key: &[u8]) -> Result<Header, Box<dyn std::error::Error>> {
+        let raw = tree.get(key)?.ok_or("no header")?;
+        Ok(Header::decode(&raw)?)
+    }
+
+    fn chunks_of(store: &SledStore, id: u64) -> usize {
+        store.chunks.scan_prefix(id.to_be_bytes()).count()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
     #[test]
     fn corrupt_blob_is_reported_removed_and_can_be_stored_again() -> TestResult {
         let dir = tempfile::tempdir()?;
         let store = open(dir.path())?;
-        let bytes = b"\0asm component bytes".to_vec();
+        let bytes = pattern(3 * objects::CHUNK_SIZE + 100, 1);
         let digest = store.put_blob(&bytes, None)?;
+        let stored = header(&store.blobs, digest.as_bytes())?;
+        assert_eq!(chunks_of(&store, stored.id), 4);
 
-        let mut flipped = bytes.clone();
-        flipped[5] ^= 0x01;
-        store.blobs.insert(digest.as_bytes(), flipped)?;
+        // One flipped bit in the second chunk.
+        let key = objects::chunk_key(stored.id, 1);
+        let mut chunk = store.chunks.get(key)?.ok_or("no chunk")?.to_vec();
+        chunk[17] ^= 0x01;
+        store.chunks.insert(key, chunk)?;
 
-        let err = store.get_blob(&digest).expect_err("a corrupt blob must not be returned");
+        let err = store
+            .get_blob(&digest)
+            .expect_err("a corrupt blob must not be returned");
         assert!(err.is_corrupt(), "{err}");
         let message = err.to_string();
-        assert!(message.contains(&format!("blob {digest} is corrupt")), "{message}");
+        assert!(
+            message.contains(&format!("blob {digest} is corrupt")),
+            "{message}"
+        );
+        assert!(message.contains("bytes hash to"), "{message}");
         assert!(message.contains("removed"), "{message}");
 
         assert!(!store.has_blob(&digest)?);
         assert_eq!(store.get_blob(&digest)?, None);
         assert!(store.blobs()?.is_empty());
+        assert_eq!(chunks_of(&store, stored.id), 0, "its chunks are freed");
 
         assert_eq!(store.put_blob(&bytes, Some(&digest))?, digest);
         assert_eq!(store.get_blob(&digest)?, Some(bytes));
+        Ok(())
+    }
+
+    #[test]
+    fn a_blob_header_for_other_bytes_is_corrupt() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = open(dir.path())?;
+        let a = store.put_blob(b"component a", None)?;
+        let b = store.put_blob(b"component b", None)?;
+        let b_header = store.blobs.get(b.as_bytes())?.ok_or("no header")?;
+        store.blobs.insert(a.as_bytes(), b_header)?;
+        let err = store.get_blob(&a).expect_err("wrong bytes for the digest");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("blob {a} is corrupt")),
+            "{message}"
+        );
+        assert!(message.contains(&format!("hash to {b}")), "{message}");
+        assert_eq!(store.get_blob(&a)?, None);
+        assert_eq!(store.get_blob(&b)?, Some(b"component b".to_vec()));
         Ok(())
     }
 
@@ -647,35 +990,85 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let store = open(dir.path())?;
         let digest = Digest::of(b"component");
-        let artifact = vec![0xA5; 4096];
+        let artifact = pattern(2 * objects::CHUNK_SIZE + 1000, 7);
         let key = artifact_key(&digest, "engine-1")?;
+        let what = format!("artifact of blob {digest} for engine `engine-1` is corrupt");
 
-        // Truncated, as a torn write would leave it.
-        store.put_artifact(&digest, "engine-1", &artifact)?;
-        let sealed = store.artifacts.get(&key)?.ok_or("artifact missing")?;
-        store.artifacts.insert(&key, &sealed[..sealed.len() - 100])?;
-        let err = store.get_artifact(&digest, "engine-1").expect_err("truncated");
-        assert!(err.is_corrupt());
-        let message = err.to_string();
-        assert!(
-            message.contains(&format!("artifact of blob {digest} for engine `engine-1` is corrupt")),
-            "{message}"
+        let damage: [(&str, &Damage, &str); 5] = [
+            (
+                "torn last chunk",
+                &|s, h| {
+                    let k = objects::chunk_key(h.id, 2);
+                    let c = s.chunks.get(k)?.unwrap_or_default();
+                    s.chunks.insert(k, &c[..c.len() - 100]).map(drop)
+                },
+                &format!("hold {} of the", artifact.len() - 100),
+            ),
+            (
+                "missing last chunk",
+                &|s, h| s.chunks.remove(objects::chunk_key(h.id, 2)).map(drop),
+                &format!("hold {} of the", 2 * objects::CHUNK_SIZE),
+            ),
+            (
+                "missing middle chunk",
+                &|s, h| s.chunks.remove(objects::chunk_key(h.id, 1)).map(drop),
+                "chunk 1 of 3 is missing",
+            ),
+            (
+                "flipped bit",
+                &|s, h| {
+                    let k = objects::chunk_key(h.id, 0);
+                    let mut c = s.chunks.get(k)?.unwrap_or_default().to_vec();
+                    c[100] ^= 0x80;
+                    s.chunks.insert(k, c).map(drop)
+                },
+                "bytes hash to",
+            ),
+            (
+                "damaged header",
+                &|s, _| {
+                    let k = artifact_key(&Digest::of(b"component"), "engine-1").unwrap_or_default();
+                    s.artifacts.insert(k, &b"short"[..]).map(drop)
+                },
+                "its header is 5 bytes",
+            ),
+        ];
+        for (case, damage, expected) in damage {
+            store.put_artifact(&digest, "engine-1", &artifact)?;
+            let stored = header(&store.artifacts, &key)?;
+            damage(&store, &stored)?;
+            let err = store.get_artifact(&digest, "engine-1").expect_err(case);
+            assert!(err.is_corrupt(), "{case}: {err}");
+            let message = err.to_string();
+            assert!(message.contains(&what), "{case}: {message}");
+            assert!(message.contains(expected), "{case}: {message}");
+            assert_eq!(store.get_artifact(&digest, "engine-1")?, None, "{case}");
+            if case != "damaged header" {
+                assert_eq!(chunks_of(&store, stored.id), 0, "{case}: chunks freed");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn replaced_and_removed_objects_free_their_chunks() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = open(dir.path())?;
+        let digest = store.put_blob(&pattern(objects::CHUNK_SIZE * 2, 3), None)?;
+        store.put_artifact(&digest, "e1", &pattern(objects::CHUNK_SIZE * 5, 4))?;
+        store.put_artifact(&digest, "e2", &pattern(10, 5))?;
+        assert_eq!(store.chunks.len(), 2 + 5 + 1);
+        store.put_artifact(&digest, "e1", &pattern(objects::CHUNK_SIZE + 1, 6))?;
+        assert_eq!(
+            store.chunks.len(),
+            2 + 2 + 1,
+            "the replaced artifact's chunks are gone"
         );
-        assert!(message.contains("3996 bytes hash to"), "{message}");
-        assert_eq!(store.get_artifact(&digest, "engine-1")?, None, "removed");
-
-        // One flipped bit.
-        store.put_artifact(&digest, "engine-1", &artifact)?;
-        let mut flipped = store.artifacts.get(&key)?.ok_or("artifact missing")?.to_vec();
-        flipped[frame::CHECKSUM_LEN + 2048] ^= 0x80;
-        store.artifacts.insert(&key, flipped)?;
-        assert!(store.get_artifact(&digest, "engine-1").is_err_and(|e| e.is_corrupt()));
-        assert_eq!(store.get_artifact(&digest, "engine-1")?, None);
-
-        // Shorter than a checksum.
-        store.artifacts.insert(&key, &b"tiny"[..])?;
-        let err = store.get_artifact(&digest, "engine-1").expect_err("too short");
-        assert!(err.to_string().contains("shorter than its 32-byte checksum"), "{err}");
+        assert_eq!(store.prune_artifacts("e1")?, 1);
+        assert_eq!(store.chunks.len(), 2 + 2);
+        store.remove_blob(&digest)?;
+        assert_eq!(store.chunks.len(), 0);
+        assert!(store.artifacts.is_empty() && store.blobs.is_empty());
         Ok(())
     }
 
@@ -686,7 +1079,11 @@ mod tests {
             let store = open(dir.path())?;
             assert_eq!(store.commit_desired(b"{\"revision\":1}")?, 1);
             assert_eq!(store.commit_desired(b"{\"revision\":2}")?, 2);
-            let mut raw = store.journal.get(CURRENT)?.ok_or("no current entry")?.to_vec();
+            let mut raw = store
+                .journal
+                .get(CURRENT)?
+                .ok_or("no current entry")?
+                .to_vec();
             let last = raw.len() - 2;
             raw[last] ^= 0xFF;
             store.journal.insert(CURRENT, raw)?;
@@ -697,42 +1094,78 @@ mod tests {
         let journal = store.journal()?;
         let err = journal.current.as_ref().expect_err("current is corrupt");
         assert!(err.is_corrupt());
-        assert!(err.to_string().contains("journal current entry is corrupt"), "{err}");
+        assert!(
+            err.to_string().contains("journal current entry is corrupt"),
+            "{err}"
+        );
         let previous = journal.previous.as_ref().map_err(|e| e.to_string())?;
         let previous = previous.as_ref().ok_or("previous missing")?;
-        assert_eq!((previous.generation, &previous.doc[..]), (1, &b"{\"revision\":1}"[..]));
+        assert_eq!(
+            (previous.generation, &previous.doc[..]),
+            (1, &b"{\"revision\":1}"[..])
+        );
         assert_eq!(journal.latest_good(), Some(previous));
 
         // The next commit replaces the corrupt entry and keeps the good one for rollback.
         assert_eq!(store.commit_desired(b"{\"revision\":3}")?, 3);
         let journal = store.journal()?;
-        let current = journal.current.map_err(|e| e.to_string())?.ok_or("no current")?;
-        let previous = journal.previous.map_err(|e| e.to_string())?.ok_or("no previous")?;
-        assert_eq!((current.generation, &current.doc[..]), (3, &b"{\"revision\":3}"[..]));
-        assert_eq!((previous.generation, &previous.doc[..]), (1, &b"{\"revision\":1}"[..]));
+        let current = journal
+            .current
+            .map_err(|e| e.to_string())?
+            .ok_or("no current")?;
+        let previous = journal
+            .previous
+            .map_err(|e| e.to_string())?
+            .ok_or("no previous")?;
+        assert_eq!(
+            (current.generation, &current.doc[..]),
+            (3, &b"{\"revision\":3}"[..])
+        );
+        assert_eq!(
+            (previous.generation, &previous.doc[..]),
+            (1, &b"{\"revision\":1}"[..])
+        );
         Ok(())
     }
 
     #[test]
-    fn large_values_live_in_sled_blob_files_and_survive_reopen() -> TestResult {
+    fn large_blobs_are_chunked_and_survive_reopen() -> TestResult {
         let dir = tempfile::tempdir()?;
-        let big: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let big = pattern(4 * 1024 * 1024 + 1, 9);
         let digest = {
             let store = open(dir.path())?;
             let digest = store.put_blob(&big, None)?;
-            store.sync()?;
+            let stored = header(&store.blobs, digest.as_bytes())?;
+            assert_eq!(chunks_of(&store, stored.id), 1025);
             digest
         };
-        let blob_files = std::fs::read_dir(dir.path().join(SLED_BLOB_DIR))?
-            .filter_map(Result::ok)
-            .filter_map(|e| e.metadata().ok())
-            .filter(|m| m.len() >= big.len() as u64)
-            .count();
-        assert!(blob_files >= 1, "a 1 MiB value should be in a sled blob file");
+        // No sled page holds the whole value (sled writes pages over ~128 KiB to files).
+        let largest_page_file = std::fs::read_dir(dir.path().join(SLED_BLOB_DIR))?
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0);
+        assert!(largest_page_file < 1024 * 1024, "{largest_page_file} bytes");
 
         let store = open(dir.path())?;
         assert_eq!(store.get_blob(&digest)?, Some(big));
-        assert!(store.size_on_disk()? >= 1024 * 1024);
+        assert_eq!(store.blobs()?, vec![(digest, 4 * 1024 * 1024 + 1)]);
+        Ok(())
+    }
+
+    #[test]
+    fn large_journal_documents_go_to_sled_blob_files_that_sync_covers() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = open(dir.path())?;
+        let doc = pattern(600 * 1024, 2);
+        store.commit_desired(&doc)?;
+        let files = std::fs::read_dir(dir.path().join(SLED_BLOB_DIR))?
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.len() >= doc.len() as u64)
+            .count();
+        assert!(files >= 1, "a 600 KiB value should be in a sled blob file");
+        // commit_desired synced them; a second sync has nothing new to sync.
+        assert_eq!(store.blob_files.sync(&dir.path().join(SLED_BLOB_DIR))?, 0);
         Ok(())
     }
 
@@ -741,13 +1174,22 @@ mod tests {
         let dir = tempfile::tempdir()?;
         {
             let store = open(dir.path())?;
-            store.db.open_tree(META)?.insert(FORMAT_KEY, &b"perch-store/99"[..])?;
+            store
+                .db
+                .open_tree(META)?
+                .insert(FORMAT_KEY, &b"perch-store/99"[..])?;
             store.sync()?;
         }
         let err = open(dir.path()).expect_err("unknown format must be refused");
         let message = err.to_string();
-        assert!(message.contains("perch-store/99") && message.contains(FORMAT), "{message}");
-        assert!(message.contains(&dir.path().display().to_string()), "{message}");
+        assert!(
+            message.contains("perch-store/99") && message.contains(FORMAT),
+            "{message}"
+        );
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
         Ok(())
     }
 }

@@ -14,10 +14,14 @@ fn open(dir: &Path) -> Result<SledStore, StoreError> {
     SledStore::open(dir, &SledOptions::default())
 }
 
-fn current_and_previous(store: &dyn Store) -> Result<(Option<(u64, Vec<u8>)>, Option<(u64, Vec<u8>)>), String> {
+/// One side of the journal as (generation, document).
+type Side = Option<(u64, Vec<u8>)>;
+
+fn current_and_previous(store: &dyn Store) -> Result<(Side, Side), String> {
     let journal = store.journal().map_err(|e| e.to_string())?;
     let side = |r: Result<Option<perch_store::JournalEntry>, StoreError>| {
-        r.map(|e| e.map(|e| (e.generation, e.doc))).map_err(|e| e.to_string())
+        r.map(|e| e.map(|e| (e.generation, e.doc)))
+            .map_err(|e| e.to_string())
     };
     Ok((side(journal.current)?, side(journal.previous)?))
 }
@@ -74,7 +78,10 @@ fn a_blob_with_the_wrong_expected_digest_is_refused() -> TestResult {
         matches!(err, StoreError::DigestMismatch { expected: e, actual: a } if e == expected && a == actual)
     );
     let message = err.to_string();
-    assert!(message.contains(&expected.to_string()) && message.contains(&actual.to_string()), "{message}");
+    assert!(
+        message.contains(&expected.to_string()) && message.contains(&actual.to_string()),
+        "{message}"
+    );
     assert!(!store.has_blob(&actual)? && !store.has_blob(&expected)?);
     assert!(store.blobs()?.is_empty());
     Ok(())
@@ -90,25 +97,43 @@ fn artifacts_are_per_engine_and_go_with_their_blob() -> TestResult {
     store.put_artifact(&blob, "wasmtime-48/x86_64/abc", b"native code v1")?;
     store.put_artifact(&blob, "wasmtime-48/x86_64/def", b"native code v2")?;
     store.put_artifact(&other, "wasmtime-48/x86_64/abc", b"other native code")?;
-    assert_eq!(store.get_artifact(&blob, "wasmtime-48/x86_64/abc")?, Some(b"native code v1".to_vec()));
-    assert_eq!(store.get_artifact(&blob, "wasmtime-48/x86_64/def")?, Some(b"native code v2".to_vec()));
+    assert_eq!(
+        store.get_artifact(&blob, "wasmtime-48/x86_64/abc")?,
+        Some(b"native code v1".to_vec())
+    );
+    assert_eq!(
+        store.get_artifact(&blob, "wasmtime-48/x86_64/def")?,
+        Some(b"native code v2".to_vec())
+    );
     assert_eq!(store.get_artifact(&blob, "wasmtime-49/x86_64/abc")?, None);
 
     // Replacing keeps one artifact per key.
     store.put_artifact(&blob, "wasmtime-48/x86_64/abc", b"native code v1b")?;
-    assert_eq!(store.get_artifact(&blob, "wasmtime-48/x86_64/abc")?, Some(b"native code v1b".to_vec()));
+    assert_eq!(
+        store.get_artifact(&blob, "wasmtime-48/x86_64/abc")?,
+        Some(b"native code v1b".to_vec())
+    );
 
     // After an engine change only the current fingerprint's artifacts are worth keeping.
     assert_eq!(store.prune_artifacts("wasmtime-48/x86_64/abc")?, 1);
     assert_eq!(store.get_artifact(&blob, "wasmtime-48/x86_64/def")?, None);
-    assert!(store.get_artifact(&blob, "wasmtime-48/x86_64/abc")?.is_some());
+    assert!(
+        store
+            .get_artifact(&blob, "wasmtime-48/x86_64/abc")?
+            .is_some()
+    );
 
     // Removing a blob removes its artifacts, and only its own.
     store.remove_blob(&blob)?;
     assert_eq!(store.get_artifact(&blob, "wasmtime-48/x86_64/abc")?, None);
-    assert_eq!(store.get_artifact(&other, "wasmtime-48/x86_64/abc")?, Some(b"other native code".to_vec()));
+    assert_eq!(
+        store.get_artifact(&other, "wasmtime-48/x86_64/abc")?,
+        Some(b"other native code".to_vec())
+    );
 
-    let err = store.put_artifact(&other, "", b"x").expect_err("empty fingerprint");
+    let err = store
+        .put_artifact(&other, "", b"x")
+        .expect_err("empty fingerprint");
     assert!(err.to_string().contains("engine fingerprint"), "{err}");
     Ok(())
 }
@@ -120,22 +145,38 @@ fn journal_keeps_current_and_previous_across_reopen() -> TestResult {
         let store = open(dir.path())?;
         assert_eq!(current_and_previous(&store)?, (None, None));
         assert_eq!(store.commit_desired(br#"{"revision":1}"#)?, 1);
-        assert_eq!(current_and_previous(&store)?, (Some((1, br#"{"revision":1}"#.to_vec())), None));
+        assert_eq!(
+            current_and_previous(&store)?,
+            (Some((1, br#"{"revision":1}"#.to_vec())), None)
+        );
         assert_eq!(store.commit_desired(br#"{"revision":2}"#)?, 2);
         assert_eq!(
             current_and_previous(&store)?,
-            (Some((2, br#"{"revision":2}"#.to_vec())), Some((1, br#"{"revision":1}"#.to_vec())))
+            (
+                Some((2, br#"{"revision":2}"#.to_vec())),
+                Some((1, br#"{"revision":1}"#.to_vec()))
+            )
         );
     }
     let store = open(dir.path())?;
     assert_eq!(
         current_and_previous(&store)?,
-        (Some((2, br#"{"revision":2}"#.to_vec())), Some((1, br#"{"revision":1}"#.to_vec())))
+        (
+            Some((2, br#"{"revision":2}"#.to_vec())),
+            Some((1, br#"{"revision":1}"#.to_vec()))
+        )
     );
-    assert_eq!(store.commit_desired(b"")?, 3, "generations continue after reopen");
+    assert_eq!(
+        store.commit_desired(b"")?,
+        3,
+        "generations continue after reopen"
+    );
     assert_eq!(
         current_and_previous(&store)?,
-        (Some((3, Vec::new())), Some((2, br#"{"revision":2}"#.to_vec())))
+        (
+            Some((3, Vec::new())),
+            Some((2, br#"{"revision":2}"#.to_vec()))
+        )
     );
     Ok(())
 }
@@ -150,7 +191,10 @@ fn large_journal_documents_round_trip() -> TestResult {
         store.commit_desired(b"small")?;
     }
     let store = open(dir.path())?;
-    assert_eq!(current_and_previous(&store)?, (Some((2, b"small".to_vec())), Some((1, big))));
+    assert_eq!(
+        current_and_previous(&store)?,
+        (Some((2, b"small".to_vec())), Some((1, big)))
+    );
     Ok(())
 }
 
@@ -162,22 +206,37 @@ fn kv_namespaces_are_isolated_and_survive_reopen() -> TestResult {
         store.kv_set("thermostat", "threshold", b"28.5")?;
         store.kv_set("thermostat", "mode", b"auto")?;
         store.kv_set("logger", "threshold", b"debug")?;
-        assert_eq!(store.kv_get("thermostat", "threshold")?, Some(b"28.5".to_vec()));
-        assert_eq!(store.kv_get("logger", "threshold")?, Some(b"debug".to_vec()));
+        assert_eq!(
+            store.kv_get("thermostat", "threshold")?,
+            Some(b"28.5".to_vec())
+        );
+        assert_eq!(
+            store.kv_get("logger", "threshold")?,
+            Some(b"debug".to_vec())
+        );
         assert_eq!(store.kv_get("logger", "mode")?, None);
         assert_eq!(store.kv_get("nobody", "threshold")?, None);
         store.sync()?;
     }
     let store = open(dir.path())?;
-    assert_eq!(store.kv_keys("thermostat")?, vec!["mode".to_string(), "threshold".to_string()]);
+    assert_eq!(
+        store.kv_keys("thermostat")?,
+        vec!["mode".to_string(), "threshold".to_string()]
+    );
     assert_eq!(store.kv_keys("logger")?, vec!["threshold".to_string()]);
-    assert_eq!(store.kv_get("thermostat", "threshold")?, Some(b"28.5".to_vec()));
+    assert_eq!(
+        store.kv_get("thermostat", "threshold")?,
+        Some(b"28.5".to_vec())
+    );
 
     assert!(store.kv_delete("thermostat", "mode")?);
     assert!(!store.kv_delete("thermostat", "mode")?);
     assert!(!store.kv_delete("nobody", "mode")?);
     assert_eq!(store.kv_keys("thermostat")?, vec!["threshold".to_string()]);
-    assert_eq!(store.kv_get("logger", "threshold")?, Some(b"debug".to_vec()));
+    assert_eq!(
+        store.kv_get("logger", "threshold")?,
+        Some(b"debug".to_vec())
+    );
 
     // Namespaces are not prefixes of each other.
     store.kv_set("a", "b/c", b"1")?;
@@ -214,7 +273,16 @@ fn kv_refuses_an_empty_namespace() -> TestResult {
     let dir = tempfile::tempdir()?;
     let store = open(dir.path())?;
     let err = store.kv_set("", "k", b"v").expect_err("empty namespace");
-    assert!(matches!(err, StoreError::Invalid { what: "kv namespace", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Invalid {
+                what: "kv namespace",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(store.kv_get("", "k").is_err());
     assert!(store.kv_drop("").is_err());
     Ok(())
@@ -228,26 +296,41 @@ fn opening_something_that_is_not_a_store_names_the_path() -> TestResult {
     std::fs::write(&file, b"hello")?;
     let err = open(&file).expect_err("a file is not a store");
     assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
-    assert!(err.to_string().contains(&file.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&file.display().to_string()),
+        "{err}"
+    );
 
     let foreign = dir.path().join("foreign");
     std::fs::create_dir(&foreign)?;
     std::fs::write(foreign.join("notes.txt"), b"not sled")?;
     let err = open(&foreign).expect_err("a directory of other files is not a store");
     assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
-    assert!(err.to_string().contains(&foreign.display().to_string()), "{err}");
-    assert!(!foreign.join("db").exists(), "nothing was created in a foreign directory");
+    assert!(
+        err.to_string().contains(&foreign.display().to_string()),
+        "{err}"
+    );
+    assert!(
+        !foreign.join("db").exists(),
+        "nothing was created in a foreign directory"
+    );
 
     let garbled = dir.path().join("garbled");
     std::fs::create_dir(&garbled)?;
     std::fs::write(garbled.join("conf"), b"this is not sled's config")?;
     std::fs::write(garbled.join("db"), vec![0xEE; 4096])?;
     let err = open(&garbled).expect_err("garbage is not a store");
-    assert!(err.to_string().contains(&garbled.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&garbled.display().to_string()),
+        "{err}"
+    );
 
     let below_file = file.join("store");
     let err = open(&below_file).expect_err("cannot create a store below a file");
-    assert!(err.to_string().contains(&below_file.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&below_file.display().to_string()),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -257,7 +340,10 @@ fn a_store_open_elsewhere_is_refused_with_its_path() -> TestResult {
     let _first = open(dir.path())?;
     let err = open(dir.path()).expect_err("sled locks its database");
     assert!(matches!(err, StoreError::Open { .. }), "{err}");
-    assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&dir.path().display().to_string()),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -319,7 +405,10 @@ fn size_on_disk_counts_what_is_stored() -> TestResult {
     store.put_blob(&blob, None)?;
     store.sync()?;
     let after = store.size_on_disk()?;
-    assert!(after >= before + blob.len() as u64, "before {before}, after {after}");
+    assert!(
+        after >= before + blob.len() as u64,
+        "before {before}, after {after}"
+    );
     Ok(())
 }
 
@@ -332,5 +421,83 @@ fn debug_output_never_shows_contents() -> TestResult {
     let shown = format!("{store:?} {:?}", store.journal()?);
     assert!(shown.contains("SledStore"), "{shown}");
     assert!(!shown.contains("hunter2"), "{shown}");
+    Ok(())
+}
+
+#[test]
+fn a_db_file_of_garbage_is_refused_not_silently_emptied() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    {
+        let store = open(dir.path())?;
+        store.commit_desired(b"important")?;
+    }
+    let len = std::fs::metadata(dir.path().join("db"))?.len();
+    std::fs::write(dir.path().join("db"), vec![0x11; len as usize])?;
+    // sled 0.34 opens such a file as an empty database; the store must not.
+    let err = open(dir.path()).expect_err("a garbage log must be refused");
+    assert!(matches!(err, StoreError::Unrecoverable { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&dir.path().display().to_string()),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_damaged_sled_log_is_an_error_or_an_older_whole_journal_never_a_panic() -> TestResult {
+    let template = tempfile::tempdir()?;
+    let last = 200u64;
+    let doc =
+        |seq: u64| format!("{{\"seq\":{seq},\"pad\":\"{}\"}}", "p".repeat(20_000)).into_bytes();
+    {
+        let store = open(template.path())?;
+        for seq in 1..=last {
+            store.commit_desired(&doc(seq))?;
+        }
+    }
+    let log = std::fs::read(template.path().join("db"))?;
+    let conf = std::fs::read(template.path().join("conf"))?;
+    let segment = 512 * 1024;
+    let mut outcomes = Vec::new();
+    for offset in (1000..log.len()).step_by(segment) {
+        let dir = tempfile::tempdir()?;
+        let mut damaged = log.clone();
+        for byte in &mut damaged[offset..(offset + 64).min(log.len())] {
+            *byte ^= 0x5A;
+        }
+        std::fs::write(dir.path().join("db"), damaged)?;
+        std::fs::write(dir.path().join("conf"), &conf)?;
+        std::fs::create_dir(dir.path().join("blobs"))?;
+        let opened = std::panic::catch_unwind(|| open(dir.path()))
+            .map_err(|_| format!("a panic escaped SledStore::open (damage at {offset})"))?;
+        let store = match opened {
+            Err(err) => {
+                assert!(
+                    err.to_string().contains(&dir.path().display().to_string()),
+                    "{err}"
+                );
+                outcomes.push(format!("{offset}: {err}"));
+                continue;
+            }
+            Ok(store) => store,
+        };
+        let journal = store.journal()?;
+        let current = journal.current?.ok_or("no current")?;
+        let previous = journal.previous?.ok_or("no previous")?;
+        assert!(current.generation <= last && current.generation > 1);
+        assert_eq!(current.doc, doc(current.generation), "damage at {offset}");
+        assert_eq!(
+            previous.generation,
+            current.generation - 1,
+            "damage at {offset}"
+        );
+        assert_eq!(previous.doc, doc(previous.generation), "damage at {offset}");
+        outcomes.push(format!(
+            "{offset}: opened at generation {}",
+            current.generation
+        ));
+    }
+    assert!(!outcomes.is_empty());
+    println!("{}", outcomes.join("\n"));
     Ok(())
 }

@@ -1,0 +1,529 @@
+//! Perch's benchmarks, each run side by side with its baseline in the same process run and
+//! printed as one Markdown table (copied into docs/performance.md).
+//!
+//! ```text
+//! cargo run --release -p perch-tests --bin perch-bench -- [--idle-secs 60] [--launches 30] [--only NAME]
+//! ```
+//! `scripts/bench.sh` installs the load generator (wrk) and `wasmtime` (for `wasmtime serve`)
+//! first; without them the HTTP row says what is missing.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use perch_core::{AgentConfig, ComponentSpec, Trigger};
+use perch_runtime::host::{ComponentCtx, Host};
+use perch_runtime::supervisor::ComponentLog;
+use perch_runtime::{Call, Outcome, Runtime};
+use perch_store::{SledOptions, SledStore, Store};
+use perch_tests::{Launch, Perchd, examples, free_port, perchd_bin};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store as WtStore};
+
+struct Row {
+    name: String,
+    perch: String,
+    baseline: String,
+    ratio: String,
+    goal: String,
+}
+
+struct Args {
+    idle_secs: u64,
+    launches: usize,
+    only: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args { idle_secs: 60, launches: 30, only: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--idle-secs" => args.idle_secs = it.next().context("--idle-secs N")?.parse()?,
+            "--launches" => args.launches = it.next().context("--launches N")?.parse()?,
+            "--only" => args.only = Some(it.next().context("--only NAME")?),
+            other => bail!("unknown argument `{other}`; expected --idle-secs N, --launches N, --only NAME"),
+        }
+    }
+    Ok(args)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} us", d.as_secs_f64() * 1e6)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn status_kib(pid: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+fn config_in(dir: &Path) -> AgentConfig {
+    AgentConfig { data_dir: dir.to_path_buf(), ..AgentConfig::default() }
+}
+
+// --- fresh store + instantiate + call + drop ---------------------------------------------
+
+struct BareState {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: ResourceTable,
+}
+
+impl wasmtime_wasi::WasiView for BareState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+fn bench_invoke(rows: &mut Vec<Row>) -> Result<()> {
+    progress("fresh store + instantiate + call + drop (noop) vs a bare wasmtime embedding");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let dir = tempfile::tempdir()?;
+    rt.block_on(async {
+        let cfg = config_in(dir.path());
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path().join("data"), &SledOptions::default())?);
+        let noop = examples::bytes(examples::NOOP);
+        let digest = store.put_blob(&noop, None)?;
+        let runtime = Runtime::new(cfg.clone(), store.clone())?;
+        let spec = ComponentSpec {
+            name: "noop".into(),
+            digest,
+            triggers: vec![Trigger::Every(perch_core::HumanDuration(Duration::from_secs(3600)))],
+            limits: Default::default(),
+        };
+        let loaded = runtime.prepare(spec).await?;
+        let running = runtime.activate(loaded);
+
+        // The bare embedding: the same engine settings (pooling allocator), plain WASI.
+        let (engine, _) = perch_runtime::engine::build_engine(&cfg)?;
+        let ticker = perch_runtime::engine::EpochTicker::start(&engine, cfg.runtime.epoch_tick);
+        let mut linker: Linker<BareState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let component = Component::new(&engine, &noop).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let pre = linker.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("bare link: {e:#}"))?;
+        let (_, inst) = component.get_export(None, "perch:device/timer@0.1.0").context("timer export")?;
+        let (_, func) = component.get_export(Some(&inst), "on-tick").context("on-tick export")?;
+
+        let rounds = 10;
+        let per_round = 2000;
+        let (mut perch, mut bare) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            for _ in 0..per_round {
+                let t = Instant::now();
+                let out = runtime.invoke(&running, Call::Tick, true).await;
+                perch.push(t.elapsed());
+                if out != Outcome::Ok {
+                    bail!("perch invocation failed: {out:?}");
+                }
+            }
+            for _ in 0..per_round {
+                let t = Instant::now();
+                let mut s = WtStore::new(&engine, BareState { wasi: wasmtime_wasi::WasiCtx::builder().build(), table: ResourceTable::new() });
+                s.set_epoch_deadline(1_000_000);
+                let i = pre.instantiate_async(&mut s).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                let f = i.get_typed_func::<(), (Result<(), String>,)>(&mut s, &func).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                let (r,) = f.call_async(&mut s, ()).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                drop(s);
+                bare.push(t.elapsed());
+                r.map_err(|e| anyhow::anyhow!(e))?;
+            }
+            progress(&format!("  round {}/{rounds}", round + 1));
+        }
+        drop(ticker);
+        perch.sort();
+        bare.sort();
+        let (p50, b50) = (pct(&perch, 0.5), pct(&bare, 0.5));
+        rows.push(Row {
+            name: format!("fresh store + instantiate + call + drop, noop ({} calls each, interleaved)", rounds * per_round),
+            perch: format!("p50 {} / p99 {}", us(p50), us(pct(&perch, 0.99))),
+            baseline: format!("bare wasmtime 48, same engine config: p50 {} / p99 {}", us(b50), us(pct(&bare, 0.99))),
+            ratio: format!("{:.2}x", p50.as_secs_f64() / b50.as_secs_f64()),
+            goal: "p50 <= 25 us and <= 1.1x".into(),
+        });
+        Ok(())
+    })
+}
+
+// --- deserialize vs compile --------------------------------------------------------------
+
+fn bench_load(rows: &mut Vec<Row>) -> Result<()> {
+    progress("load from the precompiled cache (deserialize) vs compile");
+    let dir = tempfile::tempdir()?;
+    let (engine, _) = perch_runtime::engine::build_engine(&config_in(dir.path()))?;
+    for (name, path) in [("timer", examples::TIMER), ("http-hello", examples::HTTP_HELLO)] {
+        let bytes = examples::bytes(path);
+        let mut compile = Vec::new();
+        let mut deser = Vec::new();
+        let mut art = Vec::new();
+        for _ in 0..10 {
+            let t = Instant::now();
+            let c = Component::new(&engine, &bytes).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            compile.push(t.elapsed());
+            art = c.serialize().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            for _ in 0..20 {
+                let t = Instant::now();
+                // SAFETY: `art` was just produced by `serialize` with this same engine.
+                #[allow(unsafe_code)]
+                let c = unsafe { Component::deserialize(&engine, &art) }.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                deser.push(t.elapsed());
+                drop(c);
+            }
+        }
+        compile.sort();
+        deser.sort();
+        let (d, c) = (pct(&deser, 0.5), pct(&compile, 0.5));
+        rows.push(Row {
+            name: format!("load {name} ({} KiB wasm, {} KiB native)", bytes.len() / 1024, art.len() / 1024),
+            perch: format!("deserialize p50 {}", ms(d)),
+            baseline: format!("compile (Cranelift) p50 {}", ms(c)),
+            ratio: format!("{:.0}x faster", c.as_secs_f64() / d.as_secs_f64()),
+            goal: "deserialize at boot, never compile".into(),
+        });
+    }
+    Ok(())
+}
+
+// --- cold start ----------------------------------------------------------------------------
+
+/// A data dir with timer (every 1s), hello (HTTP) and misbehave (messages) deployed.
+fn seeded_dir() -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let mut agent = Perchd::start(dir.path(), Launch::default())?;
+    for (name, path, q) in [
+        ("timer", examples::TIMER, "every=1s"),
+        ("hello", examples::HTTP_HELLO, "http=/"),
+        ("bad", examples::MISBEHAVE, "message=misbehave.%3E"),
+    ] {
+        let r = agent.deploy(name, &examples::bytes(path), q)?;
+        if r.status != 201 {
+            bail!("deploy {name}: {}", r.body);
+        }
+    }
+    agent.stop()?;
+    Ok(dir)
+}
+
+/// Time from spawning perchd to its first timer invocation (the guest's `tick` log line).
+fn launch_to_first_tick(dir: &Path) -> Result<Duration> {
+    let cfg = dir.join("perchd.toml");
+    let port = free_port();
+    std::fs::write(&cfg, format!("data-dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n", dir.join("data").display()))?;
+    let t = Instant::now();
+    let mut child = Command::new(perchd_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .env("PERCH_LOG", "warn,perch::guest=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut elapsed = None;
+    for line in BufReader::new(stderr).lines() {
+        if line?.contains(" tick ") {
+            elapsed = Some(t.elapsed());
+            break;
+        }
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    child.wait()?;
+    elapsed.context("perchd exited before the first tick")
+}
+
+fn prune_artifacts(dir: &Path) -> Result<()> {
+    let store = SledStore::open(dir.join("data"), &SledOptions::default())?;
+    store.prune_artifacts("none")?;
+    store.sync()?;
+    Ok(())
+}
+
+fn bench_cold_start(rows: &mut Vec<Row>, launches: usize) -> Result<()> {
+    progress(&format!("cold start to first timer invocation, 3 cached components, {launches} launches"));
+    let dir = seeded_dir()?;
+    let (mut cached, mut compiled) = (Vec::new(), Vec::new());
+    launch_to_first_tick(dir.path())?; // warm the page cache once
+    for i in 0..launches {
+        cached.push(launch_to_first_tick(dir.path())?);
+        if std::env::var_os("PERCH_BENCH_VERBOSE").is_some() {
+            progress(&format!("  launch {i}: cached {:?}", cached.last()));
+        }
+        prune_artifacts(dir.path())?;
+        compiled.push(launch_to_first_tick(dir.path())?);
+        if (i + 1) % 10 == 0 {
+            progress(&format!("  {}/{launches}", i + 1));
+        }
+    }
+    cached.sort();
+    compiled.sort();
+    rows.push(Row {
+        name: format!("cold start: exec perchd to first timer invocation, 3 cached components ({launches} launches)"),
+        perch: format!("p50 {} / p99 {}", ms(pct(&cached, 0.5)), ms(pct(&cached, 0.99))),
+        baseline: format!(
+            "same boot compiling instead (no precompiled cache): p50 {} / p99 {}",
+            ms(pct(&compiled, 0.5)),
+            ms(pct(&compiled, 0.99))
+        ),
+        ratio: format!("{:.1}x faster", pct(&compiled, 0.5).as_secs_f64() / pct(&cached, 0.5).as_secs_f64()),
+        goal: "p50 <= 20 ms, p99 <= 60 ms".into(),
+    });
+    Ok(())
+}
+
+// --- idle RSS -----------------------------------------------------------------------------
+
+fn bench_idle_rss(rows: &mut Vec<Row>, idle_secs: u64) -> Result<()> {
+    progress(&format!("idle RSS after {idle_secs} s with 3 components vs an empty agent"));
+    let dir = seeded_dir()?;
+    let empty = tempfile::tempdir()?;
+    let with = Perchd::start(dir.path(), Launch::default())?;
+    let without = Perchd::start(empty.path(), Launch::default())?;
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let comps = with.get("/v1/components")?;
+    if comps.as_array().map(Vec::len) != Some(3) {
+        bail!("expected 3 components: {comps}");
+    }
+    let rss = status_kib(&with.pid().to_string(), "VmRSS:");
+    let base = status_kib(&without.pid().to_string(), "VmRSS:");
+    rows.push(Row {
+        name: format!("idle RSS after {idle_secs} s, 3 components (timer ticking every 1 s)"),
+        perch: mib(rss),
+        baseline: format!("perchd with no components: {}; Greengrass nucleus lite (published): 14.8 MB", mib(base)),
+        ratio: format!("{:.2}x of empty", rss as f64 / base.max(1) as f64),
+        goal: "<= 12 MB".into(),
+    });
+    Ok(())
+}
+
+// --- memory per instance and address space ------------------------------------------------
+
+fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
+    progress("memory per live instance and address space for 1000 instances");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let dir = tempfile::tempdir()?;
+    let me = std::process::id().to_string();
+    let n = 1000;
+    rt.block_on(async {
+        let mut cfg = config_in(dir.path());
+        cfg.runtime.pool_instances = n;
+        cfg.runtime.allocator = perch_core::config::Allocator::Pooling;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path().join("data"), &SledOptions::default())?);
+        let noop = examples::bytes(examples::NOOP);
+
+        let vm0 = status_kib(&me, "VmSize:");
+        let (engine, _) = perch_runtime::engine::build_engine(&cfg)?;
+        let pool_vm = status_kib(&me, "VmSize:").saturating_sub(vm0);
+        let mut linker: Linker<Host> = Linker::new(&engine);
+        perch_runtime::host::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let component = Component::new(&engine, &noop).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let pre = linker.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let ctx = Arc::new(ComponentCtx {
+            name: "noop".into(),
+            store: store.clone(),
+            bus: perch_runtime::bus::Bus::new(),
+            log: Arc::new(ComponentLog::new("noop", 10)),
+        });
+        let rss0 = status_kib(&me, "VmRSS:");
+        let mut live = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let mut s = WtStore::new(&engine, Host::new(ctx.clone(), cfg.limits.memory.bytes() as usize));
+            s.limiter(|h| &mut h.limiter);
+            s.set_epoch_deadline(1_000_000);
+            let i = pre.instantiate_async(&mut s).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            live.push((s, i));
+        }
+        let per_instance = status_kib(&me, "VmRSS:").saturating_sub(rss0) / u64::from(n);
+        drop(live);
+        drop(engine);
+
+        // Baseline: wasmtime's default pooling allocator for the same 1000 instances.
+        let vm1 = status_kib(&me, "VmSize:");
+        let mut c = wasmtime::Config::new();
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_component_instances(n);
+        c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        let default_vm = match Engine::new(&c) {
+            Ok(e) => {
+                let v = status_kib(&me, "VmSize:").saturating_sub(vm1);
+                drop(e);
+                format!("{:.0} GiB", v as f64 / (1u64 << 30) as f64)
+            }
+            Err(e) => format!("cannot reserve: {e}"),
+        };
+        rows.push(Row {
+            name: "memory per live (idle) noop instance, 1000 alive".into(),
+            perch: format!("{:.1} KiB", per_instance as f64 / 1024.0),
+            baseline: "-".into(),
+            ratio: "-".into(),
+            goal: "<= 64 KiB".into(),
+        });
+        rows.push(Row {
+            name: format!("address space reserved by the pool for {n} instances (32 MiB memories)"),
+            perch: format!("{:.1} GiB", pool_vm as f64 / (1u64 << 30) as f64),
+            baseline: format!("wasmtime default pooling config: {default_vm}"),
+            ratio: "-".into(),
+            goal: "<= 64 GiB (Raspberry Pi: 512 GiB VA)".into(),
+        });
+        Ok(())
+    })
+}
+
+// --- HTTP requests/s vs wasmtime serve -------------------------------------------------------
+
+fn wrk_rps(url: &str, secs: u64) -> Result<f64> {
+    let out = Command::new("wrk").args(["-t2", "-c16", &format!("-d{secs}s"), url]).output().context("run wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.contains("Non-2xx") || text.contains("Socket errors") && !text.contains("Socket errors: connect 0, read 0, write 0, timeout 0") {
+        bail!("wrk saw errors:\n{text}");
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))
+}
+
+fn wasmtime_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("WASMTIME") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = PathBuf::from(home).join(".cache/perch/tools/bin/wasmtime");
+    p.exists().then_some(p)
+}
+
+fn wait_http(url: &str) -> Result<()> {
+    let client = reqwest::blocking::Client::new();
+    for _ in 0..500 {
+        if client.get(url).send().map(|r| r.status().is_success()).unwrap_or(false) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{url} did not answer")
+}
+
+fn bench_http(rows: &mut Vec<Row>) -> Result<()> {
+    progress("HTTP requests/s: perchd vs wasmtime serve, same component, wrk, interleaved");
+    let name = "HTTP hello requests/s (wrk -t2 -c16, 3 interleaved 5 s runs each)".to_string();
+    let missing = |what: &str| Row {
+        name: name.clone(),
+        perch: "not run".into(),
+        baseline: format!("{what} missing: run scripts/bench.sh"),
+        ratio: "-".into(),
+        goal: ">= 1.2x".into(),
+    };
+    if Command::new("wrk").arg("--version").output().is_err() {
+        rows.push(missing("wrk"));
+        return Ok(());
+    }
+    let Some(wasmtime) = wasmtime_bin() else {
+        rows.push(missing("wasmtime (wasmtime-cli 48.0.8)"));
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let agent = Perchd::start(dir.path(), Launch { extra_config: "[runtime]\n".into(), ..Launch::default() })?;
+    let r = agent.deploy("hello", &examples::bytes(examples::HTTP_HELLO), "http=/")?;
+    if r.status != 201 {
+        bail!("deploy: {}", r.body);
+    }
+    let perch_url = format!("http://{}/", agent.addr);
+    let port = free_port();
+    let mut serve = Command::new(&wasmtime)
+        .args(["serve", "--addr", &format!("127.0.0.1:{port}"), examples::HTTP_HELLO])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start wasmtime serve")?;
+    let serve_url = format!("http://127.0.0.1:{port}/");
+    let result = (|| {
+        wait_http(&perch_url)?;
+        wait_http(&serve_url)?;
+        let (mut p, mut w) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            p.push(wrk_rps(&perch_url, 5)?);
+            w.push(wrk_rps(&serve_url, 5)?);
+        }
+        Ok::<_, anyhow::Error>((p, w))
+    })();
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let (p, w) = result?;
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (pm, wm) = (med(p.clone()), med(w.clone()));
+    rows.push(Row {
+        name,
+        perch: format!("median {pm:.0} req/s ({p:.0?})"),
+        baseline: format!("wasmtime serve 48.0.8 (defaults): median {wm:.0} req/s ({w:.0?})"),
+        ratio: format!("{:.2}x", pm / wm),
+        goal: ">= 1.2x".into(),
+    });
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = Command::new("uname").arg("-rm").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {kernel}")
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let want = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
+    let mut rows = Vec::new();
+    if want("invoke") {
+        bench_invoke(&mut rows)?;
+    }
+    if want("load") {
+        bench_load(&mut rows)?;
+    }
+    if want("cold-start") {
+        bench_cold_start(&mut rows, args.launches)?;
+    }
+    if want("instances") {
+        bench_instances(&mut rows)?;
+    }
+    if want("http") {
+        bench_http(&mut rows)?;
+    }
+    if want("idle-rss") {
+        bench_idle_rss(&mut rows, args.idle_secs)?;
+    }
+    println!("Machine: {}\n", machine());
+    println!("| benchmark | perch | baseline (same run) | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {} | {} | {} |", r.name, r.perch, r.baseline, r.ratio, r.goal);
+    }
+    Ok(())
+}
