@@ -38,7 +38,11 @@ pub fn perchd_bin() -> PathBuf {
     // Tests run from `<profile>/deps/`, bench binaries from `<profile>/`.
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
-    let dir = if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir };
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("profile dir")
+    } else {
+        dir
+    };
     let bin = dir.join("perchd");
     assert!(
         bin.exists(),
@@ -97,9 +101,16 @@ impl Perchd {
         let config = dir.join("perchd.toml");
         std::fs::write(
             &config,
-            format!("data-dir = \"{}\"\nlisten = \"{addr}\"\n{}", dir.join("data").display(), launch.extra_config),
+            format!(
+                "data-dir = \"{}\"\nlisten = \"{addr}\"\n{}",
+                dir.join("data").display(),
+                launch.extra_config
+            ),
         )?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("perchd.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("perchd.log"))?;
         let bin = perchd_bin();
         let mut script = String::new();
         if let Some(kib) = launch.ulimit_v_kib {
@@ -118,10 +129,24 @@ impl Perchd {
             c.args(["-c", &script]);
             c
         };
-        cmd.arg(&bin).arg(&config).env("PERCH_LOG", "info,perch::guest=debug").stdout(Stdio::null()).stderr(log);
-        let child = cmd.spawn().with_context(|| format!("spawn {}", bin.display()))?;
-        let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(60)).build()?;
-        Ok(Self { child: Some(child), addr, dir: dir.to_path_buf(), launch, http })
+        cmd.arg(&bin)
+            .arg(&config)
+            .env("PERCH_LOG", "info,perch::guest=debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            child: Some(child),
+            addr,
+            dir: dir.to_path_buf(),
+            launch,
+            http,
+        })
     }
 
     /// The process id (of perchd itself: the launch shell `exec`s it).
@@ -138,7 +163,19 @@ impl Perchd {
     fn curl(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Resp> {
         let url = format!("http://{}{path}", self.addr);
         let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &self.pid().to_string(), "-n", "--", "curl", "-s", "-X", method, "-w", "\n%{http_code}", &url]);
+        cmd.args([
+            "-t",
+            &self.pid().to_string(),
+            "-n",
+            "--",
+            "curl",
+            "-s",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]);
         if let Some(b) = body {
             let f = self.dir.join("curl-body");
             std::fs::write(&f, b)?;
@@ -147,7 +184,10 @@ impl Perchd {
         let out = cmd.output().context("run nsenter curl")?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        Ok(Resp { status: code.trim().parse().unwrap_or(0), body: parse_body(body.as_bytes()) })
+        Ok(Resp {
+            status: code.trim().parse().unwrap_or(0),
+            body: parse_body(body.as_bytes()),
+        })
     }
 
     /// Sends a request to the agent (through its namespace when offline).
@@ -164,7 +204,10 @@ impl Perchd {
         let resp = req.send().with_context(|| format!("{method} {url}"))?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes()?;
-        Ok(Resp { status, body: parse_body(&bytes) })
+        Ok(Resp {
+            status,
+            body: parse_body(&bytes),
+        })
     }
 
     /// GET returning JSON, failing on a non-2xx status.
@@ -178,12 +221,20 @@ impl Perchd {
 
     /// Deploys a component file with a query string of triggers and limits.
     pub fn deploy(&self, name: &str, wasm: &[u8], query: &str) -> Result<Resp> {
-        self.request("PUT", &format!("/v1/components/{name}?{query}"), Some(wasm.to_vec()))
+        self.request(
+            "PUT",
+            &format!("/v1/components/{name}?{query}"),
+            Some(wasm.to_vec()),
+        )
     }
 
     /// Publishes a message on the agent's bus.
     pub fn publish(&self, subject: &str, payload: &[u8]) -> Result<Resp> {
-        self.request("POST", &format!("/v1/messages/{subject}"), Some(payload.to_vec()))
+        self.request(
+            "POST",
+            &format!("/v1/messages/{subject}"),
+            Some(payload.to_vec()),
+        )
     }
 
     /// The status document of one component.
@@ -196,7 +247,10 @@ impl Perchd {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait()? {
-                bail!("perchd exited with {status} before becoming healthy; log:\n{}", self.log());
+                bail!(
+                    "perchd exited with {status} before becoming healthy; log:\n{}",
+                    self.log()
+                );
             }
             if let Ok(r) = self.request("GET", "/v1/health", None)
                 && r.status == 200
@@ -211,7 +265,12 @@ impl Perchd {
     }
 
     /// Polls `f` until it returns `Some` or `timeout` passes.
-    pub fn wait_for<T>(&self, timeout: Duration, what: &str, mut f: impl FnMut(&Self) -> Result<Option<T>>) -> Result<T> {
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&Self) -> Result<Option<T>>,
+    ) -> Result<T> {
         let deadline = Instant::now() + timeout;
         let mut last_err = None;
         loop {
@@ -221,7 +280,10 @@ impl Perchd {
                 Err(e) => last_err = Some(e),
             }
             if Instant::now() > deadline {
-                bail!("timed out waiting for {what} (last error: {last_err:?}); log tail:\n{}", tail(&self.log(), 40));
+                bail!(
+                    "timed out waiting for {what} (last error: {last_err:?}); log tail:\n{}",
+                    tail(&self.log(), 40)
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -246,7 +308,9 @@ impl Perchd {
     /// SIGTERM and waits up to 10 s for a clean exit.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         let mut c = self.child.take().context("already stopped")?;
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(s) = c.try_wait()? {
@@ -268,7 +332,8 @@ impl Drop for Perchd {
 }
 
 fn parse_body(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
 /// The last `n` lines of `text`.

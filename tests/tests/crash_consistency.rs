@@ -11,22 +11,41 @@ use perch_tests::{Launch, Perchd, examples};
 #[test]
 fn kill_9_during_deploys_never_loses_or_mixes_desired_state() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let wasm = [examples::bytes(examples::TIMER), examples::bytes(examples::NOOP)];
+    let wasm = [
+        examples::bytes(examples::TIMER),
+        examples::bytes(examples::NOOP),
+    ];
     let acked = Arc::new(AtomicU64::new(0));
     for round in 0..6u64 {
         let agent = Perchd::start(dir.path(), Launch::default())?;
         let desired = agent.get("/v1/desired")?;
         let revision = desired["revision"].as_u64().unwrap_or(0);
         let last_acked = acked.load(Ordering::SeqCst);
-        assert!(revision >= last_acked, "round {round}: acknowledged revision {last_acked} was lost (now {revision})");
-        assert!(revision <= last_acked + 1, "round {round}: revision {revision} is beyond anything sent");
+        assert!(
+            revision >= last_acked,
+            "round {round}: acknowledged revision {last_acked} was lost (now {revision})"
+        );
+        assert!(
+            revision <= last_acked + 1,
+            "round {round}: revision {revision} is beyond anything sent"
+        );
         // Every journaled component is running with the journaled digest: old or new, not a mix.
         let status = agent.get("/v1/status")?;
         let running = status["components"].as_array().cloned().unwrap_or_default();
-        let wanted = desired["components"].as_array().cloned().unwrap_or_default();
-        assert_eq!(running.len(), wanted.len(), "round {round}: {status} vs {desired}");
+        let wanted = desired["components"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            running.len(),
+            wanted.len(),
+            "round {round}: {status} vs {desired}"
+        );
         for w in &wanted {
-            let r = running.iter().find(|r| r["name"] == w["name"]).expect("journaled component runs");
+            let r = running
+                .iter()
+                .find(|r| r["name"] == w["name"])
+                .expect("journaled component runs");
             assert_eq!(r["digest"], w["digest"], "round {round}");
             assert_eq!(r["state"], "running", "round {round}: {r}");
         }
@@ -41,7 +60,10 @@ fn kill_9_during_deploys_never_loses_or_mixes_desired_state() -> anyhow::Result<
                     let a = agent.lock().expect("lock");
                     let which = ((i + round) % 2) as usize;
                     let name = format!("c{}", i % 3);
-                    let Ok(r) = a.deploy(&name, &wasm[which], &format!("every={}ms", 100 + i)) else { return };
+                    let Ok(r) = a.deploy(&name, &wasm[which], &format!("every={}ms", 100 + i))
+                    else {
+                        return;
+                    };
                     drop(a);
                     if r.status != 201 {
                         return;
@@ -54,10 +76,15 @@ fn kill_9_during_deploys_never_loses_or_mixes_desired_state() -> anyhow::Result<
         };
         std::thread::sleep(Duration::from_millis(150 + 97 * round));
         // Kill by pid: the deployer may be mid-request.
-        std::process::Command::new("kill").args(["-9", &pid.to_string()]).status()?;
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()?;
         deployer.join().expect("deployer");
         agent.lock().expect("lock").kill9();
     }
-    assert!(acked.load(Ordering::SeqCst) > 3, "deploys were acknowledged between kills");
+    assert!(
+        acked.load(Ordering::SeqCst) > 3,
+        "deploys were acknowledged between kills"
+    );
     Ok(())
 }

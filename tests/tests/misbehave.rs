@@ -17,7 +17,10 @@ fn provoke(agent: &Perchd, subject: &str, needle: &str) -> anyhow::Result<Value>
     assert_eq!(r.body["delivered"], 1, "{}", r.body);
     agent.wait_for(Duration::from_secs(20), needle, |a| {
         let c = a.component("bad")?;
-        let msg = c["last-error"]["message"].as_str().unwrap_or_default().to_string();
+        let msg = c["last-error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         Ok((c["failures"].as_u64().unwrap_or(0) > before && msg.contains(needle)).then_some(c))
     })
 }
@@ -27,21 +30,34 @@ fn loop_hog_and_trap_are_contained_while_the_timer_ticks() -> anyhow::Result<()>
     let dir = tempfile::tempdir()?;
     let agent = Perchd::start(
         dir.path(),
-        Launch { extra_config: "[runtime]\nbackoff-base = \"200ms\"\nbackoff-max = \"2s\"\n".into(), ..Launch::default() },
+        Launch {
+            extra_config: "[runtime]\nbackoff-base = \"200ms\"\nbackoff-max = \"2s\"\n".into(),
+            ..Launch::default()
+        },
     )?;
     let r = agent.deploy("timer", &examples::bytes(examples::TIMER), "every=50ms")?;
     assert_eq!(r.status, 201, "{}", r.body);
-    let r = agent.deploy("bad", &examples::bytes(examples::MISBEHAVE), "message=misbehave.>&timeout=300ms&memory=8MiB")?;
+    let r = agent.deploy(
+        "bad",
+        &examples::bytes(examples::MISBEHAVE),
+        "message=misbehave.>&timeout=300ms&memory=8MiB",
+    )?;
     assert_eq!(r.status, 201, "{}", r.body);
 
     let t0 = invocations(&agent, "timer")?;
     let c = provoke(&agent, "misbehave.loop", "timed out after 300ms")?;
-    assert_eq!(c["live-instances"], 0, "the looping instance was dropped: {c}");
+    assert_eq!(
+        c["live-instances"], 0,
+        "the looping instance was dropped: {c}"
+    );
     let t1 = invocations(&agent, "timer")?;
     assert!(t1 > t0, "timer kept ticking during the loop ({t0} -> {t1})");
 
     let c = provoke(&agent, "misbehave.hog", "out of memory")?;
-    assert!(c["memory-peak-bytes"].as_u64().unwrap_or(0) <= 8 << 20, "{c}");
+    assert!(
+        c["memory-peak-bytes"].as_u64().unwrap_or(0) <= 8 << 20,
+        "{c}"
+    );
     let c = provoke(&agent, "misbehave.trap", "unreachable")?;
     assert_eq!(c["state"], "crash-looping", "three crashes in a row: {c}");
 
@@ -58,7 +74,12 @@ fn loop_hog_and_trap_are_contained_while_the_timer_ticks() -> anyhow::Result<()>
 
     let logs = agent.get("/v1/components/bad/logs?limit=50")?;
     let text = logs.to_string();
-    assert!(text.contains("timed out") && text.contains("out of memory") && text.contains("unreachable"), "{text}");
+    assert!(
+        text.contains("timed out")
+            && text.contains("out of memory")
+            && text.contains("unreachable"),
+        "{text}"
+    );
     assert_eq!(agent.get("/v1/health")?["status"], "ok");
     Ok(())
 }
@@ -68,10 +89,17 @@ fn repeated_crashes_back_off_and_show_crash_looping() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let agent = Perchd::start(
         dir.path(),
-        Launch { extra_config: "[runtime]\nbackoff-base = \"400ms\"\nbackoff-max = \"800ms\"\n".into(), ..Launch::default() },
+        Launch {
+            extra_config: "[runtime]\nbackoff-base = \"400ms\"\nbackoff-max = \"800ms\"\n".into(),
+            ..Launch::default()
+        },
     )?;
     // misbehave's on-tick always traps.
-    let r = agent.deploy("looper", &examples::bytes(examples::MISBEHAVE), "every=20ms")?;
+    let r = agent.deploy(
+        "looper",
+        &examples::bytes(examples::MISBEHAVE),
+        "every=20ms",
+    )?;
     assert_eq!(r.status, 201, "{}", r.body);
     let r = agent.deploy("timer", &examples::bytes(examples::TIMER), "every=50ms")?;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -79,7 +107,13 @@ fn repeated_crashes_back_off_and_show_crash_looping() -> anyhow::Result<()> {
         let c = a.component("looper")?;
         Ok((c["state"] == "crash-looping").then_some(c))
     })?;
-    assert!(c["last-error"]["message"].as_str().unwrap_or_default().contains("unreachable"), "{c}");
+    assert!(
+        c["last-error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unreachable"),
+        "{c}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     let c = agent.component("looper")?;
     let failures = c["failures"].as_u64().unwrap_or(0);
@@ -88,6 +122,12 @@ fn repeated_crashes_back_off_and_show_crash_looping() -> anyhow::Result<()> {
     assert!(failures < 15, "backoff limits crashes: {c}");
     assert!(skipped > 20, "ticks were skipped while backing off: {c}");
     assert_eq!(agent.component("timer")?["state"], "running");
-    assert!(agent.get("/metrics")?.as_str().unwrap_or_default().contains("perch_component_state{component=\"looper\",state=\"crash-looping\"} 1"));
+    assert!(
+        agent
+            .get("/metrics")?
+            .as_str()
+            .unwrap_or_default()
+            .contains("perch_component_state{component=\"looper\",state=\"crash-looping\"} 1")
+    );
     Ok(())
 }

@@ -17,9 +17,21 @@ fn deployed_components_restart_offline_from_the_cache() -> anyhow::Result<()> {
         Ok(p)
     };
     let files = [
-        ("timer", copy("timer.wasm", examples::TIMER)?, "every=100ms&startup=true"),
-        ("hello", copy("hello.wasm", examples::HTTP_HELLO)?, "http=/hello"),
-        ("bad", copy("bad.wasm", examples::MISBEHAVE)?, "message=misbehave.>&timeout=200ms"),
+        (
+            "timer",
+            copy("timer.wasm", examples::TIMER)?,
+            "every=100ms&startup=true",
+        ),
+        (
+            "hello",
+            copy("hello.wasm", examples::HTTP_HELLO)?,
+            "http=/hello",
+        ),
+        (
+            "bad",
+            copy("bad.wasm", examples::MISBEHAVE)?,
+            "message=misbehave.>&timeout=200ms",
+        ),
     ];
 
     let mut agent = Perchd::start(dir.path(), Launch::default())?;
@@ -33,7 +45,10 @@ fn deployed_components_restart_offline_from_the_cache() -> anyhow::Result<()> {
         Ok((n >= 3).then_some(n))
     })?;
     let hello = agent.request("GET", "/hello", None)?;
-    assert_eq!((hello.status, hello.body.as_str()), (200, Some("hello from perch\n")));
+    assert_eq!(
+        (hello.status, hello.body.as_str()),
+        (200, Some("hello from perch\n"))
+    );
     // A clean stop (SIGTERM) makes the key-value data durable; kill -9 is covered by the
     // crash-consistency test.
     assert!(agent.stop()?.success());
@@ -41,13 +56,22 @@ fn deployed_components_restart_offline_from_the_cache() -> anyhow::Result<()> {
     assert!(count_before >= 2, "ticks were logged before the restart");
     drop(src);
 
-    let mut offline = Perchd::start(dir.path(), Launch { offline: true, ..Launch::default() })?;
+    let mut offline = Perchd::start(
+        dir.path(),
+        Launch {
+            offline: true,
+            ..Launch::default()
+        },
+    )?;
     let status = offline.get("/v1/status")?;
     let components = status["components"].as_array().cloned().unwrap_or_default();
     assert_eq!(components.len(), 3, "{status}");
     for c in &components {
         assert_eq!(c["state"], "running", "{c}");
-        assert_eq!(c["loaded-from"], "cached", "precompiled code was reused: {c}");
+        assert_eq!(
+            c["loaded-from"], "cached",
+            "precompiled code was reused: {c}"
+        );
     }
     // The timer's key-value count survived and keeps growing from where it was.
     let log = offline.wait_for(Duration::from_secs(10), "timer to tick offline", |a| {
@@ -60,14 +84,28 @@ fn deployed_components_restart_offline_from_the_cache() -> anyhow::Result<()> {
         .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
         .expect("count in the startup line");
-    assert!(started_at >= count_before, "kv count persisted ({started_at} >= {count_before})");
+    assert!(
+        started_at >= count_before,
+        "kv count persisted ({started_at} >= {count_before})"
+    );
     let hello = offline.request("GET", "/hello", None)?;
-    assert_eq!((hello.status, hello.body.as_str()), (200, Some("hello from perch\n")));
+    assert_eq!(
+        (hello.status, hello.body.as_str()),
+        (200, Some("hello from perch\n"))
+    );
     let r = offline.publish("misbehave.ok", b"")?;
     assert_eq!(r.body["delivered"], 1);
     // The namespace really has no network: only loopback exists.
     let links = std::process::Command::new("nsenter")
-        .args(["-t", &offline.pid().to_string(), "-n", "--", "ip", "-o", "link"])
+        .args([
+            "-t",
+            &offline.pid().to_string(),
+            "-n",
+            "--",
+            "ip",
+            "-o",
+            "link",
+        ])
         .output()?;
     let links = String::from_utf8_lossy(&links.stdout).to_string();
     assert_eq!(links.lines().count(), 1, "only loopback: {links}");
@@ -78,7 +116,13 @@ fn deployed_components_restart_offline_from_the_cache() -> anyhow::Result<()> {
 /// The highest `tick N` the timer logged.
 fn last_tick(log: &str) -> u64 {
     log.match_indices("tick ")
-        .filter_map(|(i, m)| log[i + m.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .filter_map(|(i, m)| {
+            log[i + m.len()..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
         .max()
         .unwrap_or(0)
 }

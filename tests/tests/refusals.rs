@@ -27,35 +27,59 @@ fn bad_components_are_refused_and_the_agent_keeps_running() -> anyhow::Result<()
     let r = agent.deploy("x", &timer, &format!("every=1s&digest={wrong}"))?;
     assert_eq!(r.status, 422, "{}", r.body);
     let msg = error_message(&r);
-    assert!(msg.contains("digest mismatch") && msg.contains(&wrong), "{msg}");
+    assert!(
+        msg.contains("digest mismatch") && msg.contains(&wrong),
+        "{msg}"
+    );
 
     // A core module, not a component.
     let core = wat::parse_str("(module (func (export \"run\")))")?;
     let r = agent.deploy("x", &core, "every=1s")?;
     assert_eq!(r.status, 422, "{}", r.body);
-    assert!(error_message(&r).contains("is a core WebAssembly module, not a component"), "{}", r.body);
+    assert!(
+        error_message(&r).contains("is a core WebAssembly module, not a component"),
+        "{}",
+        r.body
+    );
 
     // Random bytes.
-    let random: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let random: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let r = agent.deploy("x", &random, "every=1s")?;
     assert_eq!(r.status, 422, "{}", r.body);
-    assert!(error_message(&r).contains("is not a WebAssembly binary"), "{}", r.body);
+    assert!(
+        error_message(&r).contains("is not a WebAssembly binary"),
+        "{}",
+        r.body
+    );
 
     // A truncated component.
     let r = agent.deploy("x", &timer[..timer.len() / 2], "every=1s")?;
     assert_eq!(r.status, 422, "{}", r.body);
-    assert!(error_message(&r).contains("is not a valid component"), "{}", r.body);
+    assert!(
+        error_message(&r).contains("is not a valid component"),
+        "{}",
+        r.body
+    );
 
     // A component importing an interface this agent does not provide.
     let r = agent.deploy("x", &examples::bytes(examples::UNKNOWN_IMPORT), "every=1s")?;
     assert_eq!(r.status, 422, "{}", r.body);
     let msg = error_message(&r);
-    assert!(msg.contains("perch:fixture/teleport") && msg.contains("does not provide"), "{msg}");
+    assert!(
+        msg.contains("perch:fixture/teleport") && msg.contains("does not provide"),
+        "{msg}"
+    );
 
     // A trigger whose export is missing.
     let r = agent.deploy("x", &examples::bytes(examples::HTTP_HELLO), "every=1s")?;
     assert_eq!(r.status, 422, "{}", r.body);
-    assert!(error_message(&r).contains("does not export `perch:device/timer.on-tick`"), "{}", r.body);
+    assert!(
+        error_message(&r).contains("does not export `perch:device/timer.on-tick`"),
+        "{}",
+        r.body
+    );
 
     // Bad triggers are 400s listing each problem.
     let r = agent.deploy("Bad_Name", &timer, "every=5&http=nope")?;
@@ -65,11 +89,20 @@ fn bad_components_are_refused_and_the_agent_keeps_running() -> anyhow::Result<()
     let desired = agent.get("/v1/desired")?;
     assert_eq!(desired["revision"].as_u64(), Some(revision));
     assert_eq!(desired["components"].as_array().map(Vec::len), Some(1));
-    let before = agent.component("timer")?["invocations"].as_u64().unwrap_or(0);
-    agent.wait_for(std::time::Duration::from_secs(10), "timer to keep ticking", |a| {
-        let c = a.component("timer")?;
-        Ok((c["invocations"].as_u64().unwrap_or(0) > before && c["state"] == "running").then_some(()))
-    })?;
+    let before = agent.component("timer")?["invocations"]
+        .as_u64()
+        .unwrap_or(0);
+    agent.wait_for(
+        std::time::Duration::from_secs(10),
+        "timer to keep ticking",
+        |a| {
+            let c = a.component("timer")?;
+            Ok(
+                (c["invocations"].as_u64().unwrap_or(0) > before && c["state"] == "running")
+                    .then_some(()),
+            )
+        },
+    )?;
     assert_eq!(agent.get("/v1/health")?["status"], "ok");
     Ok(())
 }

@@ -39,7 +39,9 @@ pub struct ApiState {
 
 impl std::fmt::Debug for ApiState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiState").field("gateway", &self.gateway.is_some()).finish_non_exhaustive()
+        f.debug_struct("ApiState")
+            .field("gateway", &self.gateway.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -58,16 +60,28 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/components", get(list_components))
         .route(
             "/v1/components/{name}",
-            get(get_component).put(deploy_component).post(deploy_component).delete(remove_component),
+            get(get_component)
+                .put(deploy_component)
+                .post(deploy_component)
+                .delete(remove_component),
         )
         .route("/v1/components/{name}/logs", get(logs))
         .route("/v1/blobs", put(put_blob).post(put_blob))
-        .route("/v1/desired", get(get_desired).put(apply_desired).post(apply_desired))
+        .route(
+            "/v1/desired",
+            get(get_desired).put(apply_desired).post(apply_desired),
+        )
         .route("/v1/messages/{*subject}", post(publish))
         .route("/metrics", get(metrics))
         .route("/v1/metrics", get(metrics))
         .route("/v1", get(not_found_api))
-        .route("/v1/{*rest}", get(not_found_api).post(not_found_api).put(not_found_api).delete(not_found_api))
+        .route(
+            "/v1/{*rest}",
+            get(not_found_api)
+                .post(not_found_api)
+                .put(not_found_api)
+                .delete(not_found_api),
+        )
         .fallback(gateway)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
         .with_state(state)
@@ -97,7 +111,11 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (status_for(self.0.kind), axum::Json(json!({ "error": self.0 }))).into_response()
+        (
+            status_for(self.0.kind),
+            axum::Json(json!({ "error": self.0 })),
+        )
+            .into_response()
     }
 }
 
@@ -125,26 +143,41 @@ async fn list_components(State(s): State<ApiState>) -> Result<Response, ApiError
     run(&s, Command::ListComponents).await.map(json_reply)
 }
 
-async fn get_component(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    run(&s, Command::GetComponent { name }).await.map(json_reply)
+async fn get_component(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    run(&s, Command::GetComponent { name })
+        .await
+        .map(json_reply)
 }
 
-async fn remove_component(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    run(&s, Command::RemoveComponent { name }).await.map(json_reply)
+async fn remove_component(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    run(&s, Command::RemoveComponent { name })
+        .await
+        .map(json_reply)
 }
 
 fn parse_query(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str(raw.as_deref().unwrap_or("")).map_err(|e| bad_request(format!("bad query string: {e}")))
+    serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| bad_request(format!("bad query string: {e}")))
 }
 
 fn parse_digest(value: &str) -> Result<Digest, ApiError> {
-    value.parse().map_err(|e: perch_core::DigestError| bad_request(format!("query `digest`: {e}")))
+    value
+        .parse()
+        .map_err(|e: perch_core::DigestError| bad_request(format!("query `digest`: {e}")))
 }
 
 /// Parses `PUT /v1/components/{name}` query parameters into triggers, limits and a digest.
 ///
 /// Every problem is collected so one response lists them all.
-pub fn parse_deploy_query(pairs: &[(String, String)]) -> Result<(Vec<Trigger>, Limits, Option<Digest>), CommandError> {
+pub fn parse_deploy_query(
+    pairs: &[(String, String)],
+) -> Result<(Vec<Trigger>, Limits, Option<Digest>), CommandError> {
     let mut problems = Vec::new();
     let mut triggers = Vec::new();
     let mut limits = Limits::default();
@@ -179,7 +212,9 @@ pub fn parse_deploy_query(pairs: &[(String, String)]) -> Result<(Vec<Trigger>, L
             "instances" => {
                 match v.parse() {
                     Ok(n) => limits.instances = Some(n),
-                    Err(_) => problems.push(format!("query `instances`: `{v}` is not a whole number")),
+                    Err(_) => {
+                        problems.push(format!("query `instances`: `{v}` is not a whole number"))
+                    }
                 }
                 None
             }
@@ -207,7 +242,10 @@ pub fn parse_deploy_query(pairs: &[(String, String)]) -> Result<(Vec<Trigger>, L
     if problems.is_empty() {
         Ok((triggers, limits, digest))
     } else {
-        Err(CommandError::new(ErrorKind::BadRequest, "the deploy request has problems").with_details(problems))
+        Err(
+            CommandError::new(ErrorKind::BadRequest, "the deploy request has problems")
+                .with_details(problems),
+        )
     }
 }
 
@@ -220,25 +258,48 @@ async fn deploy_component(
     let pairs = parse_query(q)?;
     let (triggers, limits, expected_digest) = parse_deploy_query(&pairs)?;
     if body.is_empty() {
-        return Err(bad_request("the request body is empty: send the component's .wasm bytes"));
+        return Err(bad_request(
+            "the request body is empty: send the component's .wasm bytes",
+        ));
     }
-    let cmd = Command::DeployComponent { name, bytes: body.to_vec(), expected_digest, triggers, limits };
+    let cmd = Command::DeployComponent {
+        name,
+        bytes: body.to_vec(),
+        expected_digest,
+        triggers,
+        limits,
+    };
     let reply = run(&s, cmd).await?;
     Ok((StatusCode::CREATED, axum::Json(reply)).into_response())
 }
 
-async fn put_blob(State(s): State<ApiState>, RawQuery(q): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+async fn put_blob(
+    State(s): State<ApiState>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut expected_digest = None;
     for (k, v) in parse_query(q)? {
         match k.as_str() {
             "digest" => expected_digest = Some(parse_digest(&v)?),
-            other => return Err(bad_request(format!("unknown query parameter `{other}`: expected `digest`"))),
+            other => {
+                return Err(bad_request(format!(
+                    "unknown query parameter `{other}`: expected `digest`"
+                )));
+            }
         }
     }
     if body.is_empty() {
         return Err(bad_request("the request body is empty"));
     }
-    let reply = run(&s, Command::PutBlob { bytes: body.to_vec(), expected_digest }).await?;
+    let reply = run(
+        &s,
+        Command::PutBlob {
+            bytes: body.to_vec(),
+            expected_digest,
+        },
+    )
+    .await?;
     Ok((StatusCode::CREATED, axum::Json(reply)).into_response())
 }
 
@@ -252,30 +313,59 @@ async fn apply_desired(State(s): State<ApiState>, body: Bytes) -> Result<Respons
     run(&s, Command::ApplyDesired(input)).await.map(json_reply)
 }
 
-async fn logs(State(s): State<ApiState>, Path(name): Path<String>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+async fn logs(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     let mut limit = DEFAULT_LOG_LIMIT;
     for (k, v) in parse_query(q)? {
         match k.as_str() {
-            "limit" => limit = v.parse().map_err(|_| bad_request(format!("query `limit`: `{v}` is not a whole number")))?,
-            other => return Err(bad_request(format!("unknown query parameter `{other}`: expected `limit`"))),
+            "limit" => {
+                limit = v.parse().map_err(|_| {
+                    bad_request(format!("query `limit`: `{v}` is not a whole number"))
+                })?
+            }
+            other => {
+                return Err(bad_request(format!(
+                    "unknown query parameter `{other}`: expected `limit`"
+                )));
+            }
         }
     }
     run(&s, Command::Logs { name, limit }).await.map(json_reply)
 }
 
-async fn publish(State(s): State<ApiState>, Path(subject): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn publish(
+    State(s): State<ApiState>,
+    Path(subject): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     perch_core::spec::check_subject_pattern(&subject).map_err(bad_request)?;
     if subject.contains(['*', '>']) {
-        return Err(bad_request(format!("cannot publish to wildcard subject `{subject}`")));
+        return Err(bad_request(format!(
+            "cannot publish to wildcard subject `{subject}`"
+        )));
     }
-    run(&s, Command::Publish { subject, payload: body.to_vec() }).await.map(json_reply)
+    run(
+        &s,
+        Command::Publish {
+            subject,
+            payload: body.to_vec(),
+        },
+    )
+    .await
+    .map(json_reply)
 }
 
 async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
     match run(&s, Command::Metrics).await? {
         Reply::Metrics(text) => {
             let mut resp = Response::new(Body::from(text));
-            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             Ok(resp)
         }
         other => Ok(json_reply(other)),
@@ -285,14 +375,22 @@ async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
 async fn not_found_api(req: Request) -> ApiError {
     ApiError(CommandError::new(
         ErrorKind::NotFound,
-        format!("no API endpoint `{} {}`; see docs/api.md", req.method(), req.uri().path()),
+        format!(
+            "no API endpoint `{} {}`; see docs/api.md",
+            req.method(),
+            req.uri().path()
+        ),
     ))
 }
 
 async fn gateway(State(s): State<ApiState>, req: Request) -> Response {
     match &s.gateway {
         Some(g) => g.serve(req).await,
-        None => ApiError(CommandError::new(ErrorKind::NotFound, format!("nothing serves `{}`", req.uri().path()))).into_response(),
+        None => ApiError(CommandError::new(
+            ErrorKind::NotFound,
+            format!("nothing serves `{}`", req.uri().path()),
+        ))
+        .into_response(),
     }
 }
 
@@ -313,9 +411,15 @@ mod tests {
             self.0.lock().expect("lock").push(command.clone());
             Box::pin(async move {
                 match command {
-                    Command::Health => Ok(Reply::Health(Health { status: "ok".into(), version: "t".into() })),
+                    Command::Health => Ok(Reply::Health(Health {
+                        status: "ok".into(),
+                        version: "t".into(),
+                    })),
                     Command::Metrics => Ok(Reply::Metrics("perch_up 1\n".into())),
-                    _ => Err(CommandError::new(ErrorKind::NotFound, "nope").with_details(["a detail"])),
+                    _ => {
+                        Err(CommandError::new(ErrorKind::NotFound, "nope")
+                            .with_details(["a detail"]))
+                    }
                 }
             })
         }
@@ -334,7 +438,11 @@ mod tests {
     }
 
     fn req(method: &str, uri: &str, body: &'static [u8]) -> axum::http::Request<Body> {
-        axum::http::Request::builder().method(method).uri(uri).body(Body::from(body)).expect("request")
+        axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::from(body))
+            .expect("request")
     }
 
     #[tokio::test]
@@ -350,13 +458,24 @@ mod tests {
         let (app, rec) = app();
         let (status, body) = call(
             app,
-            req("PUT", "/v1/components/timer?every=5s&http=/hi&memory=16MiB&timeout=200ms&instances=2", b"\0asm"),
+            req(
+                "PUT",
+                "/v1/components/timer?every=5s&http=/hi&memory=16MiB&timeout=200ms&instances=2",
+                b"\0asm",
+            ),
         )
         .await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
         assert!(body.contains(r#""details":["a detail"]"#), "{body}");
         let cmds = rec.0.lock().expect("lock");
-        let Command::DeployComponent { name, bytes, triggers, limits, expected_digest } = &cmds[0] else {
+        let Command::DeployComponent {
+            name,
+            bytes,
+            triggers,
+            limits,
+            expected_digest,
+        } = &cmds[0]
+        else {
             panic!("wrong command {:?}", cmds[0]);
         };
         assert_eq!(name, "timer");
@@ -370,14 +489,24 @@ mod tests {
     #[tokio::test]
     async fn bad_deploy_query_lists_every_problem() {
         let (app, rec) = app();
-        let (status, body) =
-            call(app, req("PUT", "/v1/components/x?every=5&memory=16&colour=red&digest=md5:1", b"x")).await;
+        let (status, body) = call(
+            app,
+            req(
+                "PUT",
+                "/v1/components/x?every=5&memory=16&colour=red&digest=md5:1",
+                b"x",
+            ),
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let v: serde_json::Value = serde_json::from_str(&body).expect("json");
         let details = v["error"]["details"].as_array().expect("details");
         assert_eq!(details.len(), 4, "{body}");
         assert!(body.contains("unknown query parameter `colour`"), "{body}");
-        assert!(rec.0.lock().expect("lock").is_empty(), "nothing reached the core");
+        assert!(
+            rec.0.lock().expect("lock").is_empty(),
+            "nothing reached the core"
+        );
     }
 
     #[tokio::test]
@@ -397,8 +526,14 @@ mod tests {
         let (status, body) = call(app.clone(), req("GET", "/v1/nope", b"")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(body.contains("no API endpoint `GET /v1/nope`"), "{body}");
-        let resp = app.oneshot(req("GET", "/metrics", b"")).await.expect("infallible");
-        assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/plain; version=0.0.4");
+        let resp = app
+            .oneshot(req("GET", "/metrics", b""))
+            .await
+            .expect("infallible");
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "text/plain; version=0.0.4"
+        );
     }
 
     #[tokio::test]

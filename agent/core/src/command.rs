@@ -31,7 +31,10 @@ pub enum Command {
         limits: Limits,
     },
     /// Store bytes in the blob cache without running them.
-    PutBlob { bytes: Vec<u8>, expected_digest: Option<Digest> },
+    PutBlob {
+        bytes: Vec<u8>,
+        expected_digest: Option<Digest>,
+    },
     /// Replace the whole desired state; every digest must already be in the cache.
     ApplyDesired(DesiredInput),
     /// The current desired state.
@@ -256,7 +259,11 @@ pub struct CommandError {
 impl CommandError {
     /// A new error without details.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), details: Vec::new() }
+        Self {
+            kind,
+            message: message.into(),
+            details: Vec::new(),
+        }
     }
 
     /// Adds one detail line per problem.

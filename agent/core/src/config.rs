@@ -103,7 +103,9 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
-            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!("valid constant")),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| unreachable!("valid constant")),
             board: DEFAULT_BOARD.into(),
             store_cache: DEFAULT_STORE_CACHE,
             limits: DefaultLimits {
@@ -134,7 +136,11 @@ pub struct ConfigProblem {
 
 impl fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() { write!(f, "{}", self.problem) } else { write!(f, "{}: {}", self.key, self.problem) }
+        if self.key.is_empty() {
+            write!(f, "{}", self.problem)
+        } else {
+            write!(f, "{}: {}", self.key, self.problem)
+        }
     }
 }
 
@@ -150,7 +156,12 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.problems.len();
-        write!(f, "{}: {n} problem{}", self.source_name, if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.source_name,
+            if n == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             write!(f, "\n  - {p}")?;
         }
@@ -167,12 +178,19 @@ struct Walker<'a> {
 
 impl<'a> Walker<'a> {
     fn path(&self, key: &str) -> String {
-        if self.prefix.is_empty() { key.to_string() } else { format!("{}.{key}", self.prefix) }
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
     }
 
     fn problem(&mut self, key: &str, problem: impl Into<String>) {
         let key = self.path(key);
-        self.problems.push(ConfigProblem { key, problem: problem.into() });
+        self.problems.push(ConfigProblem {
+            key,
+            problem: problem.into(),
+        });
     }
 
     fn take<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
@@ -189,22 +207,40 @@ impl<'a> Walker<'a> {
     fn section(&mut self, key: &str) -> Option<Walker<'_>> {
         let path = self.path(key);
         match self.table.remove(key)? {
-            toml::Value::Table(table) => Some(Walker { prefix: path, table, problems: self.problems }),
+            toml::Value::Table(table) => Some(Walker {
+                prefix: path,
+                table,
+                problems: self.problems,
+            }),
             other => {
-                self.problem(key, format!("expected a table `[{path}]`, found {}", other.type_str()));
+                self.problem(
+                    key,
+                    format!("expected a table `[{path}]`, found {}", other.type_str()),
+                );
                 None
             }
         }
     }
 
     fn finish(self, known: &[&str]) {
-        let Walker { prefix, table, problems } = self;
+        let Walker {
+            prefix,
+            table,
+            problems,
+        } = self;
         for key in table.keys() {
-            let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
             let hint = closest(key, known)
                 .map(|k| format!("; did you mean `{k}`?"))
                 .unwrap_or_else(|| format!("; known keys here: {}", known.join(", ")));
-            problems.push(ConfigProblem { key: path, problem: format!("unknown key{hint}") });
+            problems.push(ConfigProblem {
+                key: path,
+                problem: format!("unknown key{hint}"),
+            });
         }
     }
 }
@@ -236,13 +272,23 @@ fn edit_distance(a: &str, b: &str) -> usize {
 impl AgentConfig {
     /// Parses and validates a config file's text. `source_name` names it in errors.
     pub fn from_toml(text: &str, source_name: &str) -> Result<Self, ConfigError> {
-        let fail = |problems| ConfigError { source_name: source_name.to_string(), problems };
+        let fail = |problems| ConfigError {
+            source_name: source_name.to_string(),
+            problems,
+        };
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            fail(vec![ConfigProblem { key: String::new(), problem: format!("not valid TOML: {}", e.to_string().trim()) }])
+            fail(vec![ConfigProblem {
+                key: String::new(),
+                problem: format!("not valid TOML: {}", e.to_string().trim()),
+            }])
         })?;
         let mut problems = Vec::new();
         let mut cfg = AgentConfig::default();
-        let mut root = Walker { prefix: String::new(), table, problems: &mut problems };
+        let mut root = Walker {
+            prefix: String::new(),
+            table,
+            problems: &mut problems,
+        };
 
         if let Some(dir) = root.take::<PathBuf>("data-dir") {
             if dir.as_os_str().is_empty() {
@@ -254,12 +300,22 @@ impl AgentConfig {
         if let Some(listen) = root.take::<String>("listen") {
             match listen.parse() {
                 Ok(addr) => cfg.listen = addr,
-                Err(_) => root.problem("listen", format!("`{listen}` is not an address: write IP:PORT, e.g. `{DEFAULT_LISTEN}`")),
+                Err(_) => root.problem(
+                    "listen",
+                    format!("`{listen}` is not an address: write IP:PORT, e.g. `{DEFAULT_LISTEN}`"),
+                ),
             }
         }
         if let Some(board) = root.take::<String>("board") {
-            if board.is_empty() || !board.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                root.problem("board", format!("`{board}` is not a board name (letters, digits, `-`, `_`)"));
+            if board.is_empty()
+                || !board
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                root.problem(
+                    "board",
+                    format!("`{board}` is not a board name (letters, digits, `-`, `_`)"),
+                );
             } else {
                 cfg.board = board;
             }
@@ -270,7 +326,10 @@ impl AgentConfig {
         if let Some(mut limits) = root.section("limits") {
             if let Some(m) = limits.take::<ByteSize>("memory") {
                 if m.bytes() < 64 << 10 {
-                    limits.problem("memory", format!("`{m}` is below one WebAssembly page (64KiB)"));
+                    limits.problem(
+                        "memory",
+                        format!("`{m}` is below one WebAssembly page (64KiB)"),
+                    );
                 } else {
                     cfg.limits.memory = m;
                 }
@@ -293,7 +352,10 @@ impl AgentConfig {
                     "auto" => cfg.runtime.allocator = Allocator::Auto,
                     "pooling" => cfg.runtime.allocator = Allocator::Pooling,
                     "on-demand" => cfg.runtime.allocator = Allocator::OnDemand,
-                    _ => rt.problem("allocator", format!("`{a}` is not an allocator: use `auto`, `pooling` or `on-demand`")),
+                    _ => rt.problem(
+                        "allocator",
+                        format!("`{a}` is not an allocator: use `auto`, `pooling` or `on-demand`"),
+                    ),
                 }
             }
             if let Some(n) = rt.take::<u32>("pool-instances") {
@@ -315,9 +377,23 @@ impl AgentConfig {
             if let Some(n) = rt.take::<usize>("log-lines") {
                 cfg.runtime.log_lines = n.max(1);
             }
-            rt.finish(&["allocator", "pool-instances", "epoch-tick", "backoff-base", "backoff-max", "log-lines"]);
+            rt.finish(&[
+                "allocator",
+                "pool-instances",
+                "epoch-tick",
+                "backoff-base",
+                "backoff-max",
+                "log-lines",
+            ]);
         }
-        root.finish(&["data-dir", "listen", "board", "store-cache", "limits", "runtime"]);
+        root.finish(&[
+            "data-dir",
+            "listen",
+            "board",
+            "store-cache",
+            "limits",
+            "runtime",
+        ]);
 
         if cfg.runtime.backoff_base > cfg.runtime.backoff_max {
             problems.push(ConfigProblem {
@@ -331,7 +407,11 @@ impl AgentConfig {
                 problem: "must be at least runtime.epoch-tick".into(),
             });
         }
-        if problems.is_empty() { Ok(cfg) } else { Err(fail(problems)) }
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(fail(problems))
+        }
     }
 }
 
@@ -387,10 +467,22 @@ mod tests {
         )
         .expect_err("invalid");
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["listen", "limits.memory", "limits.timeout", "runtime.allocator", "lisen"]);
+        assert_eq!(
+            keys,
+            [
+                "listen",
+                "limits.memory",
+                "limits.timeout",
+                "runtime.allocator",
+                "lisen"
+            ]
+        );
         let text = err.to_string();
         assert!(text.starts_with("perchd.toml: 5 problems"), "{text}");
-        assert!(text.contains("lisen: unknown key; did you mean `listen`?"), "{text}");
+        assert!(
+            text.contains("lisen: unknown key; did you mean `listen`?"),
+            "{text}"
+        );
         assert!(text.contains("limits.memory: `16` is not a size"), "{text}");
     }
 

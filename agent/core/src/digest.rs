@@ -112,8 +112,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_text() {
-        assert!(matches!("md5:abc".parse::<Digest>(), Err(DigestError::Algorithm(_))));
-        assert!(matches!("sha256:abc".parse::<Digest>(), Err(DigestError::Hex(_))));
+        assert!(matches!(
+            "md5:abc".parse::<Digest>(),
+            Err(DigestError::Algorithm(_))
+        ));
+        assert!(matches!(
+            "sha256:abc".parse::<Digest>(),
+            Err(DigestError::Hex(_))
+        ));
         let upper = format!("sha256:{}", "A".repeat(64));
         assert!(matches!(upper.parse::<Digest>(), Err(DigestError::Hex(_))));
         let nonhex = format!("sha256:{}", "g".repeat(64));

@@ -17,19 +17,27 @@ pub const MAX_NAME_LEN: usize = 63;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// component name `{0}` is invalid: use 1-63 lowercase letters, digits and `-`, starting with a letter
-    #[error("component name `{0}` is invalid: use 1-63 lowercase letters, digits and `-`, starting with a letter")]
+    #[error(
+        "component name `{0}` is invalid: use 1-63 lowercase letters, digits and `-`, starting with a letter"
+    )]
     Name(String),
     /// component `{0}` appears twice in the desired state
     #[error("component `{0}` appears twice in the desired state")]
     DuplicateName(String),
     /// components `{first}` and `{second}` both claim HTTP route `{route}`
     #[error("components `{first}` and `{second}` both claim HTTP route `{route}`")]
-    DuplicateRoute { route: String, first: String, second: String },
+    DuplicateRoute {
+        route: String,
+        first: String,
+        second: String,
+    },
     /// component `{component}`: {problem}
     #[error("component `{component}`: {problem}")]
     Trigger { component: String, problem: String },
     /// component `{component}` has no triggers: give it at least one of every, http, message or startup
-    #[error("component `{0}` has no triggers: give it at least one of `every`, `http`, `message` or `startup`")]
+    #[error(
+        "component `{0}` has no triggers: give it at least one of `every`, `http`, `message` or `startup`"
+    )]
     NoTriggers(String),
     /// component `{component}`: limit `instances` must be between 1 and {max}
     #[error("component `{component}`: limit `instances` must be between 1 and {max}")]
@@ -144,13 +152,17 @@ fn check_route(route: &str) -> Result<(), String> {
         return Err(format!("HTTP route `{route}` must start with `/`"));
     }
     if route.starts_with("/v1/") || route == "/v1" {
-        return Err(format!("HTTP route `{route}` is reserved for the agent's API (`/v1`)"));
+        return Err(format!(
+            "HTTP route `{route}` is reserved for the agent's API (`/v1`)"
+        ));
     }
     if route.len() > 1 && route.ends_with('/') {
         return Err(format!("HTTP route `{route}` must not end with `/`"));
     }
     if route.contains(|c: char| c.is_whitespace() || c == '?' || c == '#' || c == '*') {
-        return Err(format!("HTTP route `{route}` may not contain spaces, `?`, `#` or `*`"));
+        return Err(format!(
+            "HTTP route `{route}` may not contain spaces, `?`, `#` or `*`"
+        ));
     }
     Ok(())
 }
@@ -229,8 +241,14 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok { Ok(()) } else { Err(SpecError::Name(name.to_string())) }
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Name(name.to_string()))
+    }
 }
 
 impl ComponentSpec {
@@ -245,7 +263,10 @@ impl ComponentSpec {
         }
         for t in &self.triggers {
             if let Err(problem) = t.check() {
-                errors.push(SpecError::Trigger { component: self.name.clone(), problem });
+                errors.push(SpecError::Trigger {
+                    component: self.name.clone(),
+                    problem,
+                });
             }
         }
         let unique: BTreeSet<_> = self.triggers.iter().collect();
@@ -344,7 +365,12 @@ mod tests {
     use std::time::Duration;
 
     fn spec(name: &str, triggers: Vec<Trigger>) -> ComponentSpec {
-        ComponentSpec { name: name.into(), digest: Digest::of(name.as_bytes()), triggers, limits: Limits::default() }
+        ComponentSpec {
+            name: name.into(),
+            digest: Digest::of(name.as_bytes()),
+            triggers,
+            limits: Limits::default(),
+        }
     }
 
     #[test]
@@ -372,7 +398,11 @@ mod tests {
         let e = serde_json::from_str::<Trigger>(r#"{"every":"5"}"#).expect_err("unit");
         assert!(e.to_string().contains("not a duration"), "{e}");
         assert!(Trigger::parse_short("every:1s").is_ok());
-        assert!(Trigger::parse_short("cron:1s").expect_err("kind").contains("unknown trigger"));
+        assert!(
+            Trigger::parse_short("cron:1s")
+                .expect_err("kind")
+                .contains("unknown trigger")
+        );
     }
 
     #[test]
@@ -382,18 +412,40 @@ mod tests {
             components: vec![
                 spec("Bad Name", vec![Trigger::Http("nope".into())]),
                 spec("a", vec![Trigger::Http("/x".into())]),
-                spec("b", vec![Trigger::Http("/x".into()), Trigger::Message("a..b".into())]),
+                spec(
+                    "b",
+                    vec![Trigger::Http("/x".into()), Trigger::Message("a..b".into())],
+                ),
                 spec("b", vec![]),
             ],
         };
         let errors = ds.validate();
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert!(errors.contains(&SpecError::Name("Bad Name".into())), "{text:?}");
-        assert!(text.iter().any(|t| t.contains("must start with `/`")), "{text:?}");
-        assert!(text.iter().any(|t| t.contains("both claim HTTP route `/x`")), "{text:?}");
-        assert!(text.iter().any(|t| t.contains("subject `a..b`")), "{text:?}");
-        assert!(errors.contains(&SpecError::DuplicateName("b".into())), "{text:?}");
-        assert!(errors.contains(&SpecError::NoTriggers("b".into())), "{text:?}");
+        assert!(
+            errors.contains(&SpecError::Name("Bad Name".into())),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("must start with `/`")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("both claim HTTP route `/x`")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|t| t.contains("subject `a..b`")),
+            "{text:?}"
+        );
+        assert!(
+            errors.contains(&SpecError::DuplicateName("b".into())),
+            "{text:?}"
+        );
+        assert!(
+            errors.contains(&SpecError::NoTriggers("b".into())),
+            "{text:?}"
+        );
     }
 
     #[test]
@@ -412,7 +464,10 @@ mod tests {
     fn with_and_without_component_bump_revision() {
         let ds = DesiredState::default().with_component(spec("a", vec![Trigger::Startup]));
         assert_eq!(ds.revision, 1);
-        let ds2 = ds.with_component(spec("a", vec![Trigger::Every(HumanDuration(Duration::from_secs(1)))]));
+        let ds2 = ds.with_component(spec(
+            "a",
+            vec![Trigger::Every(HumanDuration(Duration::from_secs(1)))],
+        ));
         assert_eq!((ds2.revision, ds2.components.len()), (2, 1));
         let ds3 = ds2.without_component("a").expect("present");
         assert_eq!((ds3.revision, ds3.components.len()), (3, 0));

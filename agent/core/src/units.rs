@@ -13,10 +13,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnitError {
     /// `{0}` is not a duration: write a number and a unit, e.g. `200ms`, `5s`, `1m`, `1h`
-    #[error("`{0}` is not a duration: write a number and a unit (ms, s, m, h), e.g. `200ms` or `5s`")]
+    #[error(
+        "`{0}` is not a duration: write a number and a unit (ms, s, m, h), e.g. `200ms` or `5s`"
+    )]
     Duration(String),
     /// `{0}` is not a size: write a number and a unit, e.g. `512KiB`, `16MiB`
-    #[error("`{0}` is not a size: write a number and a unit (B, KiB, MiB, GiB, KB, MB, GB), e.g. `16MiB`")]
+    #[error(
+        "`{0}` is not a size: write a number and a unit (B, KiB, MiB, GiB, KB, MB, GB), e.g. `16MiB`"
+    )]
     Size(String),
     /// `{0}` must be greater than zero
     #[error("`{0}` must be greater than zero")]
@@ -120,11 +124,11 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        if b.is_multiple_of((1 << 30)) {
+        if b.is_multiple_of(1 << 30) {
             write!(f, "{}GiB", b >> 30)
-        } else if b.is_multiple_of((1 << 20)) {
+        } else if b.is_multiple_of(1 << 20) {
             write!(f, "{}MiB", b >> 20)
-        } else if b.is_multiple_of((1 << 10)) {
+        } else if b.is_multiple_of(1 << 10) {
             write!(f, "{}KiB", b >> 10)
         } else {
             write!(f, "{b}B")
@@ -158,16 +162,28 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!("200ms".parse(), Ok(HumanDuration(Duration::from_millis(200))));
+        assert_eq!(
+            "200ms".parse(),
+            Ok(HumanDuration(Duration::from_millis(200)))
+        );
         assert_eq!("5s".parse(), Ok(HumanDuration(Duration::from_secs(5))));
         assert_eq!("2m".parse(), Ok(HumanDuration(Duration::from_secs(120))));
         assert_eq!("1h".parse(), Ok(HumanDuration(Duration::from_secs(3600))));
         for bad in ["5", "s", "5 sec", "-1s", "1.5s", ""] {
-            assert!(matches!(bad.parse::<HumanDuration>(), Err(UnitError::Duration(_))), "{bad}");
+            assert!(
+                matches!(bad.parse::<HumanDuration>(), Err(UnitError::Duration(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!("0s".parse::<HumanDuration>(), Err(UnitError::Zero(_))));
+        assert!(matches!(
+            "0s".parse::<HumanDuration>(),
+            Err(UnitError::Zero(_))
+        ));
         for s in ["200ms", "5s", "2m", "1h", "1500ms"] {
-            assert_eq!(s.parse::<HumanDuration>().map(|d| d.to_string()).as_deref(), Ok(s));
+            assert_eq!(
+                s.parse::<HumanDuration>().map(|d| d.to_string()).as_deref(),
+                Ok(s)
+            );
         }
     }
 
@@ -177,7 +193,10 @@ mod tests {
         assert_eq!("512KiB".parse(), Ok(ByteSize(512 << 10)));
         assert_eq!("1GB".parse(), Ok(ByteSize(1_000_000_000)));
         for bad in ["16", "16mb", "MiB", "16 MiBs"] {
-            assert!(matches!(bad.parse::<ByteSize>(), Err(UnitError::Size(_))), "{bad}");
+            assert!(
+                matches!(bad.parse::<ByteSize>(), Err(UnitError::Size(_))),
+                "{bad}"
+            );
         }
         assert_eq!(ByteSize::mib(16).to_string(), "16MiB");
         assert_eq!(ByteSize(1500).to_string(), "1500B");

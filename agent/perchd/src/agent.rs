@@ -16,11 +16,14 @@ use bytes::Bytes;
 
 use perch_api::{ApiError, HttpGateway};
 use perch_core::command::{
-    AgentStatus, BlobInfo, BoxFuture, ComponentStatus, Deployed, DesiredInput, Health, LogLine, Published,
-    RevisionInfo,
+    AgentStatus, BlobInfo, BoxFuture, ComponentStatus, Deployed, DesiredInput, Health, LogLine,
+    Published, RevisionInfo,
 };
 use perch_core::spec::Limits;
-use perch_core::{AgentConfig, Command, CommandError, CommandHandler, ComponentSpec, DesiredState, Digest, ErrorKind, Reply, Trigger};
+use perch_core::{
+    AgentConfig, Command, CommandError, CommandHandler, ComponentSpec, DesiredState, Digest,
+    ErrorKind, Reply, Trigger,
+};
 use perch_runtime::{HttpError, LoadError, Loaded, Runtime, RuntimeError};
 use perch_store::{SledOptions, SledStore, Store, StoreError};
 
@@ -45,7 +48,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("revision", &self.revision).finish_non_exhaustive()
+        f.debug_struct("Agent")
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,15 +90,25 @@ impl Agent {
     /// Opens the store, creates the runtime and starts the last accepted desired state from
     /// the local cache. Needs no network.
     pub async fn start(config: AgentConfig) -> Result<Arc<Self>, StartError> {
-        let opts = SledOptions { cache_capacity: config.store_cache.bytes(), ..SledOptions::default() };
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir, &opts).map_err(|source| {
-            StartError::Store { path: config.data_dir.display().to_string(), source }
-        })?);
+        let opts = SledOptions {
+            cache_capacity: config.store_cache.bytes(),
+            ..SledOptions::default()
+        };
+        let store: Arc<dyn Store> =
+            Arc::new(SledStore::open(&config.data_dir, &opts).map_err(|source| {
+                StartError::Store {
+                    path: config.data_dir.display().to_string(),
+                    source,
+                }
+            })?);
         Self::start_with_store(config, store).await
     }
 
     /// Like [`Self::start`] with an already opened store.
-    pub async fn start_with_store(config: AgentConfig, store: Arc<dyn Store>) -> Result<Arc<Self>, StartError> {
+    pub async fn start_with_store(
+        config: AgentConfig,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Self>, StartError> {
         let runtime = Runtime::new(config.clone(), store.clone())?;
         let desired = restore_desired(store.as_ref());
         let agent = Arc::new(Self {
@@ -112,7 +127,10 @@ impl Agent {
                 Err(e) => agent.runtime.mark_failed(spec, &e),
             }
         }
-        tracing::info!(revision = desired.revision, "desired state restored from the local store");
+        tracing::info!(
+            revision = desired.revision,
+            "desired state restored from the local store"
+        );
         Ok(agent)
     }
 
@@ -134,7 +152,11 @@ impl Agent {
         }
     }
 
-    async fn commit(&self, current: &mut DesiredState, next: DesiredState) -> Result<(), CommandError> {
+    async fn commit(
+        &self,
+        current: &mut DesiredState,
+        next: DesiredState,
+    ) -> Result<(), CommandError> {
         let doc = serde_json::to_vec(&next).map_err(internal)?;
         self.store.commit_desired(&doc).map_err(store_error)?;
         self.revision.store(next.revision, Ordering::Relaxed);
@@ -143,7 +165,8 @@ impl Agent {
     }
 
     fn check_spec(&self, desired: &DesiredState) -> Result<(), CommandError> {
-        let mut problems: Vec<String> = desired.validate().iter().map(ToString::to_string).collect();
+        let mut problems: Vec<String> =
+            desired.validate().iter().map(ToString::to_string).collect();
         for c in &desired.components {
             if let Err(p) = self.runtime.check_limits(c) {
                 problems.push(p);
@@ -152,14 +175,21 @@ impl Agent {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(CommandError::new(ErrorKind::BadRequest, "the desired state is not valid").with_details(problems))
+            Err(
+                CommandError::new(ErrorKind::BadRequest, "the desired state is not valid")
+                    .with_details(problems),
+            )
         }
     }
 
     /// Removes blobs no longer referenced by the current or previous desired state.
     fn collect_garbage(&self, current: &DesiredState) {
         let previous = match self.store.journal() {
-            Ok(j) => j.previous.ok().flatten().and_then(|p| serde_json::from_slice::<DesiredState>(&p.doc).ok()),
+            Ok(j) => j
+                .previous
+                .ok()
+                .flatten()
+                .and_then(|p| serde_json::from_slice::<DesiredState>(&p.doc).ok()),
             Err(_) => return,
         };
         let keep: std::collections::HashSet<Digest> = current
@@ -196,11 +226,18 @@ impl Agent {
                 "digest mismatch for component `{name}`: expected {expected}, but the uploaded bytes hash to {digest}"
             )));
         }
-        let spec = ComponentSpec { name: name.clone(), digest, triggers, limits };
+        let spec = ComponentSpec {
+            name: name.clone(),
+            digest,
+            triggers,
+            limits,
+        };
         let next = current.with_component(spec.clone());
         self.check_spec(&next)?;
         perch_runtime::component::check_header(&name, &bytes).map_err(rejected)?;
-        self.store.put_blob(&bytes, Some(&digest)).map_err(store_error)?;
+        self.store
+            .put_blob(&bytes, Some(&digest))
+            .map_err(store_error)?;
         drop(bytes);
         let loaded = match self.runtime.prepare(spec).await {
             Ok(l) => l,
@@ -214,9 +251,14 @@ impl Agent {
         let running = self.runtime.activate(loaded);
         self.collect_garbage(&current);
         drop(current);
-        let component = self.component_status(running.name()).ok_or_else(|| not_found(&name))?;
+        let component = self
+            .component_status(running.name())
+            .ok_or_else(|| not_found(&name))?;
         tracing::info!(component = %name, revision, "component deployed");
-        Ok(Reply::Deployed(Box::new(Deployed { revision, component })))
+        Ok(Reply::Deployed(Box::new(Deployed {
+            revision,
+            component,
+        })))
     }
 
     async fn apply(&self, input: DesiredInput) -> Result<Reply, CommandError> {
@@ -225,22 +267,35 @@ impl Agent {
             Some(r) if r <= current.revision => {
                 return Err(CommandError::new(
                     ErrorKind::Conflict,
-                    format!("revision {r} is not newer than the current revision {}", current.revision),
+                    format!(
+                        "revision {r} is not newer than the current revision {}",
+                        current.revision
+                    ),
                 ));
             }
             Some(r) => r,
             None => current.revision + 1,
         };
-        let next = DesiredState { revision, components: input.components };
+        let next = DesiredState {
+            revision,
+            components: input.components,
+        };
         self.check_spec(&next)?;
         let mut missing = Vec::new();
         for c in &next.components {
             if !self.store.has_blob(&c.digest).map_err(store_error)? {
-                missing.push(format!("component `{}`: blob {} is not in the cache; upload it with PUT /v1/blobs", c.name, c.digest));
+                missing.push(format!(
+                    "component `{}`: blob {} is not in the cache; upload it with PUT /v1/blobs",
+                    c.name, c.digest
+                ));
             }
         }
         if !missing.is_empty() {
-            return Err(CommandError::new(ErrorKind::Rejected, "the desired state names blobs this agent does not have").with_details(missing));
+            return Err(CommandError::new(
+                ErrorKind::Rejected,
+                "the desired state names blobs this agent does not have",
+            )
+            .with_details(missing));
         }
         // Compile and link everything that changed before committing, so a bad component
         // leaves the running set untouched.
@@ -257,7 +312,11 @@ impl Agent {
             }
         }
         if !problems.is_empty() {
-            return Err(CommandError::new(ErrorKind::Rejected, "some components cannot run on this agent").with_details(problems));
+            return Err(CommandError::new(
+                ErrorKind::Rejected,
+                "some components cannot run on this agent",
+            )
+            .with_details(problems));
         }
         self.commit(&mut current, next).await?;
         for name in running.keys() {
@@ -275,11 +334,15 @@ impl Agent {
 
     async fn remove(&self, name: &str) -> Result<Reply, CommandError> {
         let mut current = self.desired.lock().await;
-        let next = current.without_component(name).ok_or_else(|| not_found(name))?;
+        let next = current
+            .without_component(name)
+            .ok_or_else(|| not_found(name))?;
         self.commit(&mut current, next).await?;
         self.runtime.remove(name);
         self.collect_garbage(&current);
-        Ok(Reply::Revision(RevisionInfo { revision: current.revision }))
+        Ok(Reply::Revision(RevisionInfo {
+            revision: current.revision,
+        }))
     }
 
     fn component_status(&self, name: &str) -> Option<ComponentStatus> {
@@ -303,7 +366,9 @@ impl Agent {
     }
 
     fn logs(&self, name: &str, limit: usize) -> Result<Vec<LogLine>, CommandError> {
-        self.runtime.logs(name, limit).ok_or_else(|| not_found(name))
+        self.runtime
+            .logs(name, limit)
+            .ok_or_else(|| not_found(name))
     }
 
     /// Prometheus text exposition of the agent's metrics.
@@ -318,27 +383,104 @@ impl Agent {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         };
-        gauge("perch_uptime_seconds", "Seconds since the agent started.", "gauge", vec![(String::new(), s.uptime_ms / 1000)]);
-        gauge("perch_desired_revision", "Revision of the desired state being run.", "gauge", vec![(String::new(), s.revision)]);
-        gauge("perch_process_resident_bytes", "Resident memory of the agent.", "gauge", vec![(String::new(), s.rss_bytes)]);
-        gauge("perch_process_virtual_bytes", "Address space of the agent.", "gauge", vec![(String::new(), s.vm_bytes)]);
-        gauge("perch_store_bytes", "Bytes the store occupies on disk.", "gauge", vec![(String::new(), s.store_bytes)]);
-        gauge("perch_bus_published_total", "Messages published on the local bus.", "counter", vec![(String::new(), m.messages_published)]);
-        gauge("perch_bus_dropped_total", "Messages dropped because a subscriber queue was full.", "counter", vec![(String::new(), m.messages_dropped)]);
+        gauge(
+            "perch_uptime_seconds",
+            "Seconds since the agent started.",
+            "gauge",
+            vec![(String::new(), s.uptime_ms / 1000)],
+        );
+        gauge(
+            "perch_desired_revision",
+            "Revision of the desired state being run.",
+            "gauge",
+            vec![(String::new(), s.revision)],
+        );
+        gauge(
+            "perch_process_resident_bytes",
+            "Resident memory of the agent.",
+            "gauge",
+            vec![(String::new(), s.rss_bytes)],
+        );
+        gauge(
+            "perch_process_virtual_bytes",
+            "Address space of the agent.",
+            "gauge",
+            vec![(String::new(), s.vm_bytes)],
+        );
+        gauge(
+            "perch_store_bytes",
+            "Bytes the store occupies on disk.",
+            "gauge",
+            vec![(String::new(), s.store_bytes)],
+        );
+        gauge(
+            "perch_bus_published_total",
+            "Messages published on the local bus.",
+            "counter",
+            vec![(String::new(), m.messages_published)],
+        );
+        gauge(
+            "perch_bus_dropped_total",
+            "Messages dropped because a subscriber queue was full.",
+            "counter",
+            vec![(String::new(), m.messages_dropped)],
+        );
         let per = |f: &dyn Fn(&ComponentStatus) -> u64| {
-            s.components.iter().map(|c| (format!("{{component=\"{}\"}}", c.name), f(c))).collect::<Vec<_>>()
+            s.components
+                .iter()
+                .map(|c| (format!("{{component=\"{}\"}}", c.name), f(c)))
+                .collect::<Vec<_>>()
         };
-        gauge("perch_component_invocations_total", "Completed invocations.", "counter", per(&|c| c.invocations));
-        gauge("perch_component_failures_total", "Invocations that trapped, timed out, ran out of memory or returned an error.", "counter", per(&|c| c.failures));
-        gauge("perch_component_skipped_total", "Invocations skipped while backing off or at the instance limit.", "counter", per(&|c| c.skipped));
-        gauge("perch_component_memory_peak_bytes", "Largest linear memory of any instance.", "gauge", per(&|c| c.memory_peak_bytes));
-        gauge("perch_component_live_instances", "Instances alive now.", "gauge", per(&|c| u64::from(c.live_instances)));
+        gauge(
+            "perch_component_invocations_total",
+            "Completed invocations.",
+            "counter",
+            per(&|c| c.invocations),
+        );
+        gauge(
+            "perch_component_failures_total",
+            "Invocations that trapped, timed out, ran out of memory or returned an error.",
+            "counter",
+            per(&|c| c.failures),
+        );
+        gauge(
+            "perch_component_skipped_total",
+            "Invocations skipped while backing off or at the instance limit.",
+            "counter",
+            per(&|c| c.skipped),
+        );
+        gauge(
+            "perch_component_memory_peak_bytes",
+            "Largest linear memory of any instance.",
+            "gauge",
+            per(&|c| c.memory_peak_bytes),
+        );
+        gauge(
+            "perch_component_live_instances",
+            "Instances alive now.",
+            "gauge",
+            per(&|c| u64::from(c.live_instances)),
+        );
         let states = s
             .components
             .iter()
-            .map(|c| (format!("{{component=\"{}\",state=\"{}\"}}", c.name, c.state.as_str()), 1))
+            .map(|c| {
+                (
+                    format!(
+                        "{{component=\"{}\",state=\"{}\"}}",
+                        c.name,
+                        c.state.as_str()
+                    ),
+                    1,
+                )
+            })
             .collect();
-        gauge("perch_component_state", "Component lifecycle state (1 for the current state).", "gauge", states);
+        gauge(
+            "perch_component_state",
+            "Component lifecycle state (1 for the current state).",
+            "gauge",
+            states,
+        );
         out
     }
 }
@@ -353,20 +495,21 @@ fn restore_desired(store: &dyn Store) -> DesiredState {
             return DesiredState::default();
         }
     };
-    let parse = |entry: &Result<Option<perch_store::JournalEntry>, StoreError>, which: &str| match entry {
-        Ok(Some(e)) => match serde_json::from_slice::<DesiredState>(&e.doc) {
-            Ok(d) => Some(d),
+    let parse =
+        |entry: &Result<Option<perch_store::JournalEntry>, StoreError>, which: &str| match entry {
+            Ok(Some(e)) => match serde_json::from_slice::<DesiredState>(&e.doc) {
+                Ok(d) => Some(d),
+                Err(err) => {
+                    tracing::error!(which, error = %err, "journaled desired state is unreadable");
+                    None
+                }
+            },
+            Ok(None) => None,
             Err(err) => {
-                tracing::error!(which, error = %err, "journaled desired state is unreadable");
+                tracing::error!(which, error = %err, "journaled desired state is corrupt");
                 None
             }
-        },
-        Ok(None) => None,
-        Err(err) => {
-            tracing::error!(which, error = %err, "journaled desired state is corrupt");
-            None
-        }
-    };
+        };
     if let Some(d) = parse(&journal.current, "current") {
         return d;
     }
@@ -381,18 +524,38 @@ impl CommandHandler for Agent {
     fn handle(&self, command: Command) -> BoxFuture<'_, Result<Reply, CommandError>> {
         Box::pin(async move {
             match command {
-                Command::Health => Ok(Reply::Health(Health { status: "ok".into(), version: perch_core::VERSION.into() })),
+                Command::Health => Ok(Reply::Health(Health {
+                    status: "ok".into(),
+                    version: perch_core::VERSION.into(),
+                })),
                 Command::Status => Ok(Reply::Status(Box::new(self.status()))),
                 Command::ListComponents => Ok(Reply::Components(self.runtime.status())),
-                Command::GetComponent { name } => {
-                    self.component_status(&name).map(|c| Reply::Component(Box::new(c))).ok_or_else(|| not_found(&name))
+                Command::GetComponent { name } => self
+                    .component_status(&name)
+                    .map(|c| Reply::Component(Box::new(c)))
+                    .ok_or_else(|| not_found(&name)),
+                Command::DeployComponent {
+                    name,
+                    bytes,
+                    expected_digest,
+                    triggers,
+                    limits,
+                } => {
+                    self.deploy(name, bytes, expected_digest, triggers, limits)
+                        .await
                 }
-                Command::DeployComponent { name, bytes, expected_digest, triggers, limits } => {
-                    self.deploy(name, bytes, expected_digest, triggers, limits).await
-                }
-                Command::PutBlob { bytes, expected_digest } => {
-                    let digest = self.store.put_blob(&bytes, expected_digest.as_ref()).map_err(store_error)?;
-                    Ok(Reply::Blob(BlobInfo { digest, size: bytes.len() as u64 }))
+                Command::PutBlob {
+                    bytes,
+                    expected_digest,
+                } => {
+                    let digest = self
+                        .store
+                        .put_blob(&bytes, expected_digest.as_ref())
+                        .map_err(store_error)?;
+                    Ok(Reply::Blob(BlobInfo {
+                        digest,
+                        size: bytes.len() as u64,
+                    }))
                 }
                 Command::ApplyDesired(input) => self.apply(input).await,
                 Command::GetDesired => Ok(Reply::Desired(self.desired.lock().await.clone())),
@@ -420,7 +583,10 @@ impl HttpGateway for Agent {
                         HttpError::Failed { .. } => ErrorKind::Internal,
                     };
                     let mut resp = ApiError(CommandError::new(kind, e.to_string())).into_response();
-                    if let HttpError::Unavailable { retry_after: Some(d), .. } = &e
+                    if let HttpError::Unavailable {
+                        retry_after: Some(d),
+                        ..
+                    } = &e
                         && let Ok(v) = HeaderValue::from_str(&d.as_secs().max(1).to_string())
                     {
                         resp.headers_mut().insert(header::RETRY_AFTER, v);

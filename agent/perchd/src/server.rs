@@ -16,14 +16,20 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/perch/perchd.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum LoadConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Invalid(#[from] ConfigError),
 }
 
 /// Reads and validates a config file.
 pub fn load_config(path: &Path) -> Result<AgentConfig, LoadConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadConfigError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(AgentConfig::from_toml(&text, &path.display().to_string())?)
 }
 
@@ -33,7 +39,9 @@ pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PERCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("PERCH_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -56,5 +64,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let state = perch_api::ApiState::new(agent.clone(), Some(agent.clone()));
     let app = perch_api::router(state);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

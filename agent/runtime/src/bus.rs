@@ -42,30 +42,54 @@ impl Bus {
     }
 
     /// Subscribes `component` to `pattern`; returns the id (to unsubscribe) and the queue.
-    pub fn subscribe(&self, component: &str, pattern: &str, capacity: usize) -> (u64, mpsc::Receiver<Message>) {
+    pub fn subscribe(
+        &self,
+        component: &str,
+        pattern: &str,
+        capacity: usize,
+    ) -> (u64, mpsc::Receiver<Message>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let sub = Subscription { id, component: component.to_string(), pattern: pattern.to_string(), tx };
-        self.subs.write().unwrap_or_else(std::sync::PoisonError::into_inner).push(sub);
+        let sub = Subscription {
+            id,
+            component: component.to_string(),
+            pattern: pattern.to_string(),
+            tx,
+        };
+        self.subs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(sub);
         (id, rx)
     }
 
     /// Removes a subscription.
     pub fn unsubscribe(&self, id: u64) {
-        self.subs.write().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|s| s.id != id);
+        self.subs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|s| s.id != id);
     }
 
     /// Delivers to every matching subscription except the publisher's own; returns how many
     /// subscriptions accepted it.
     pub fn publish(&self, subject: &str, payload: Bytes, from: Option<&str>) -> usize {
         self.published.fetch_add(1, Ordering::Relaxed);
-        let subs = self.subs.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let subs = self
+            .subs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut delivered = 0;
         for s in subs.iter() {
-            if Some(s.component.as_str()) == from || !perch_core::spec::subject_matches(&s.pattern, subject) {
+            if Some(s.component.as_str()) == from
+                || !perch_core::spec::subject_matches(&s.pattern, subject)
+            {
                 continue;
             }
-            let msg = Message { subject: subject.to_string(), payload: payload.clone() };
+            let msg = Message {
+                subject: subject.to_string(),
+                payload: payload.clone(),
+            };
             match s.tx.try_send(msg) {
                 Ok(()) => delivered += 1,
                 Err(_) => {
@@ -100,10 +124,24 @@ mod tests {
         assert_eq!(bus.publish("cmd.x", Bytes::from_static(b"1"), None), 2);
         assert_eq!(bus.publish("cmd.x.y", Bytes::from_static(b"2"), None), 1);
         assert_eq!(bus.publish("cmd.x", Bytes::from_static(b"3"), Some("a")), 1);
-        assert_eq!(a.recv().await.map(|m| m.payload), Some(Bytes::from_static(b"1")));
+        assert_eq!(
+            a.recv().await.map(|m| m.payload),
+            Some(Bytes::from_static(b"1"))
+        );
         assert!(a.try_recv().is_err());
-        let got: Vec<Bytes> = [b.recv().await, b.recv().await, b.recv().await].into_iter().flatten().map(|m| m.payload).collect();
-        assert_eq!(got, [Bytes::from_static(b"1"), Bytes::from_static(b"2"), Bytes::from_static(b"3")]);
+        let got: Vec<Bytes> = [b.recv().await, b.recv().await, b.recv().await]
+            .into_iter()
+            .flatten()
+            .map(|m| m.payload)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                Bytes::from_static(b"1"),
+                Bytes::from_static(b"2"),
+                Bytes::from_static(b"3")
+            ]
+        );
         bus.unsubscribe(id_b);
         assert_eq!(bus.publish("cmd.x", Bytes::new(), None), 1);
     }

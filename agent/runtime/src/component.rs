@@ -20,7 +20,9 @@ pub const PERCH_DEVICE_VERSION: &str = "0.1.0";
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// the file is not WebAssembly
-    #[error("component `{component}` is not a WebAssembly binary: it does not start with the `\\0asm` magic bytes")]
+    #[error(
+        "component `{component}` is not a WebAssembly binary: it does not start with the `\\0asm` magic bytes"
+    )]
     NotWasm { component: String },
     /// a core module, not a component
     #[error(
@@ -38,13 +40,20 @@ pub enum LoadError {
     Link { component: String, message: String },
     /// a trigger whose export is missing
     #[error("component `{component}` has a `{trigger}` trigger but does not export `{export}`")]
-    MissingExport { component: String, trigger: &'static str, export: String },
+    MissingExport {
+        component: String,
+        trigger: &'static str,
+        export: String,
+    },
     /// the blob is not in the cache
     #[error("component `{component}`: blob {digest} is not in the local cache; deploy it again")]
     BlobMissing { component: String, digest: Digest },
     /// the store failed
     #[error("component `{component}`: {source}")]
-    Store { component: String, source: StoreError },
+    Store {
+        component: String,
+        source: StoreError,
+    },
     /// a background task failed
     #[error("component `{component}`: the compile task failed: {message}")]
     Task { component: String, message: String },
@@ -84,20 +93,30 @@ pub struct Loaded {
 
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("name", &self.spec.name).field("source", &self.source).finish_non_exhaustive()
+        f.debug_struct("Loaded")
+            .field("name", &self.spec.name)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
 }
 
 /// Checks the 8-byte header: magic, then core module vs component.
 pub fn check_header(component: &str, bytes: &[u8]) -> Result<(), LoadError> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-        return Err(LoadError::NotWasm { component: component.to_string() });
+        return Err(LoadError::NotWasm {
+            component: component.to_string(),
+        });
     }
     let version = [bytes[4], bytes[5], bytes[6], bytes[7]];
     match version {
-        [1, 0, 0, 0] => Err(LoadError::CoreModule { component: component.to_string() }),
+        [1, 0, 0, 0] => Err(LoadError::CoreModule {
+            component: component.to_string(),
+        }),
         [0x0d, 0, 1, 0] => Ok(()),
-        _ => Err(LoadError::UnknownVersion { component: component.to_string(), version }),
+        _ => Err(LoadError::UnknownVersion {
+            component: component.to_string(),
+            version,
+        }),
     }
 }
 
@@ -130,7 +149,10 @@ pub fn load(
 ) -> Result<Loaded, LoadError> {
     let started = Instant::now();
     let name = spec.name.as_str();
-    let store_err = |source| LoadError::Store { component: name.to_string(), source };
+    let store_err = |source| LoadError::Store {
+        component: name.to_string(),
+        source,
+    };
 
     let mut cached = None;
     match store.get_artifact(&spec.digest, fingerprint) {
@@ -141,20 +163,32 @@ pub fn load(
             #[allow(unsafe_code)]
             match unsafe { Component::deserialize(engine, &bytes) } {
                 Ok(c) => cached = Some(c),
-                Err(e) => tracing::warn!(component = name, error = %format!("{e:#}"), "precompiled artifact unusable; recompiling"),
+                Err(e) => {
+                    tracing::warn!(component = name, error = %format!("{e:#}"), "precompiled artifact unusable; recompiling")
+                }
             }
         }
         Ok(None) => {}
-        Err(e) => tracing::warn!(component = name, error = %e, "precompiled artifact corrupt; recompiling"),
+        Err(e) => {
+            tracing::warn!(component = name, error = %e, "precompiled artifact corrupt; recompiling")
+        }
     }
     let (component, source) = match cached {
         Some(c) if store.has_blob(&spec.digest).map_err(store_err)? => (c, LoadSource::Cached),
-        Some(_) => return Err(LoadError::BlobMissing { component: name.to_string(), digest: spec.digest }),
+        Some(_) => {
+            return Err(LoadError::BlobMissing {
+                component: name.to_string(),
+                digest: spec.digest,
+            });
+        }
         None => {
             let bytes = store
                 .get_blob(&spec.digest)
                 .map_err(store_err)?
-                .ok_or_else(|| LoadError::BlobMissing { component: name.to_string(), digest: spec.digest })?;
+                .ok_or_else(|| LoadError::BlobMissing {
+                    component: name.to_string(),
+                    digest: spec.digest,
+                })?;
             let component = compile(engine, name, &bytes)?;
             match component.serialize() {
                 Ok(art) => {
@@ -162,7 +196,9 @@ pub fn load(
                         tracing::warn!(component = name, error = %e, "could not cache the precompiled artifact");
                     }
                 }
-                Err(e) => tracing::warn!(component = name, error = %format!("{e:#}"), "could not serialize the compiled component"),
+                Err(e) => {
+                    tracing::warn!(component = name, error = %format!("{e:#}"), "could not serialize the compiled component")
+                }
             }
             (component, LoadSource::Compiled)
         }
@@ -173,7 +209,10 @@ pub fn load(
 /// Checks the header and compiles `bytes`.
 pub fn compile(engine: &Engine, name: &str, bytes: &[u8]) -> Result<Component, LoadError> {
     check_header(name, bytes)?;
-    Component::new(engine, bytes).map_err(|e| LoadError::Invalid { component: name.to_string(), message: format!("{e:#}") })
+    Component::new(engine, bytes).map_err(|e| LoadError::Invalid {
+        component: name.to_string(),
+        message: format!("{e:#}"),
+    })
 }
 
 fn link(
@@ -186,7 +225,10 @@ fn link(
     let name = spec.name.as_str();
     let pre = linker
         .instantiate_pre(&component)
-        .map_err(|e| LoadError::Link { component: name.to_string(), message: describe_link_error(&e) })?;
+        .map_err(|e| LoadError::Link {
+            component: name.to_string(),
+            message: describe_link_error(&e),
+        })?;
     let missing = |trigger, export: &str| LoadError::MissingExport {
         component: name.to_string(),
         trigger,
@@ -202,7 +244,10 @@ fn link(
                 return Err(missing("every", "perch:device/timer.on-tick"));
             }
             Trigger::Message(_) if on_message.is_none() => {
-                return Err(missing("message", "perch:device/message-handler.on-message"));
+                return Err(missing(
+                    "message",
+                    "perch:device/message-handler.on-message",
+                ));
             }
             Trigger::Startup if on_start.is_none() => {
                 return Err(missing("startup", "perch:device/lifecycle.on-start"));

@@ -15,7 +15,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use perch_core::config::{Allocator, AgentConfig};
+use perch_core::config::{AgentConfig, Allocator};
 
 /// Core instances a component may contain (its modules, adapters and shims).
 pub const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 20;
@@ -55,7 +55,11 @@ pub enum EngineError {
     #[error(
         "the pooling allocator could not reserve {slots} instance slots of {slot_bytes} bytes: {message}; lower `runtime.pool-instances` or `limits.memory`, or set `runtime.allocator = \"auto\"`"
     )]
-    Pool { slots: u32, slot_bytes: u64, message: String },
+    Pool {
+        slots: u32,
+        slot_bytes: u64,
+        message: String,
+    },
     /// wasmtime rejected the engine configuration
     #[error("cannot create the WebAssembly engine: {0}")]
     Config(String),
@@ -75,7 +79,8 @@ fn base_config(cfg: &AgentConfig) -> Config {
 
 /// Builds the engine for `cfg`, returning it with the allocator it uses.
 pub fn build_engine(cfg: &AgentConfig) -> Result<(Engine, AllocatorKind), EngineError> {
-    let on_demand = || Engine::new(&base_config(cfg)).map_err(|e| EngineError::Config(format!("{e:#}")));
+    let on_demand =
+        || Engine::new(&base_config(cfg)).map_err(|e| EngineError::Config(format!("{e:#}")));
     if cfg.runtime.allocator == Allocator::OnDemand {
         return Ok((on_demand()?, AllocatorKind::OnDemand));
     }
@@ -128,7 +133,11 @@ pub fn engine_fingerprint(engine: &Engine) -> String {
     let mut h = ShaHasher(Sha256::new());
     engine.precompile_compatibility_hash().hash(&mut h);
     let digest = h.0.finalize();
-    format!("wasmtime-{}-{}", wasmtime_version(), hex_prefix(&digest[..8]))
+    format!(
+        "wasmtime-{}-{}",
+        wasmtime_version(),
+        hex_prefix(&digest[..8])
+    )
 }
 
 fn hex_prefix(bytes: &[u8]) -> String {

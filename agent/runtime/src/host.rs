@@ -48,7 +48,9 @@ pub struct ComponentCtx {
 
 impl std::fmt::Debug for ComponentCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ComponentCtx").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ComponentCtx")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -62,7 +64,12 @@ pub struct Limiter {
 }
 
 impl ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> WtResult<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> WtResult<bool> {
         if desired > self.memory_limit {
             // An error (rather than `Ok(false)`) traps right at the `memory.grow`, so the
             // guest cannot mask it and the failure message says what happened.
@@ -76,7 +83,12 @@ impl ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> WtResult<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> WtResult<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -95,7 +107,9 @@ pub struct Host {
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("component", &self.ctx.name).finish_non_exhaustive()
+        f.debug_struct("Host")
+            .field("component", &self.ctx.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,15 +117,26 @@ impl Host {
     /// Fresh store data for one invocation of the component behind `ctx`.
     pub fn new(ctx: Arc<ComponentCtx>, memory_limit: usize) -> Self {
         let wasi = WasiCtx::builder()
-            .stdout(LogStream { log: ctx.log.clone(), source: "stdout", level: LogLevel::Info })
-            .stderr(LogStream { log: ctx.log.clone(), source: "stderr", level: LogLevel::Warn })
+            .stdout(LogStream {
+                log: ctx.log.clone(),
+                source: "stdout",
+                level: LogLevel::Info,
+            })
+            .stderr(LogStream {
+                log: ctx.log.clone(),
+                source: "stderr",
+                level: LogLevel::Warn,
+            })
             .build();
         Self {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: DenyOutgoing,
-            limiter: Limiter { memory_limit, memory_peak: 0 },
+            limiter: Limiter {
+                memory_limit,
+                memory_peak: 0,
+            },
             ctx,
         }
     }
@@ -119,13 +144,20 @@ impl Host {
 
 impl WasiView for Host {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl WasiHttpView for Host {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
     }
 }
 
@@ -188,7 +220,10 @@ impl perch::device::log::Host for Host {
 impl perch::device::kv::Host for Host {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, GuestError> {
         check_key(&key)?;
-        self.ctx.store.kv_get(&self.ctx.name, &key).map_err(io_error)
+        self.ctx
+            .store
+            .kv_get(&self.ctx.name, &key)
+            .map_err(io_error)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), GuestError> {
@@ -199,12 +234,18 @@ impl perch::device::kv::Host for Host {
                 value.len()
             )));
         }
-        self.ctx.store.kv_set(&self.ctx.name, &key, &value).map_err(io_error)
+        self.ctx
+            .store
+            .kv_set(&self.ctx.name, &key, &value)
+            .map_err(io_error)
     }
 
     fn delete(&mut self, key: String) -> Result<bool, GuestError> {
         check_key(&key)?;
-        self.ctx.store.kv_delete(&self.ctx.name, &key).map_err(io_error)
+        self.ctx
+            .store
+            .kv_delete(&self.ctx.name, &key)
+            .map_err(io_error)
     }
 
     fn keys(&mut self) -> Result<Vec<String>, GuestError> {
@@ -214,7 +255,9 @@ impl perch::device::kv::Host for Host {
 
 fn check_key(key: &str) -> Result<(), GuestError> {
     if key.is_empty() || key.len() > MAX_KV_KEY {
-        return Err(GuestError::Invalid(format!("keys must be 1 to {MAX_KV_KEY} bytes long")));
+        return Err(GuestError::Invalid(format!(
+            "keys must be 1 to {MAX_KV_KEY} bytes long"
+        )));
     }
     Ok(())
 }
@@ -222,13 +265,20 @@ fn check_key(key: &str) -> Result<(), GuestError> {
 impl perch::device::messaging::Host for Host {
     fn publish(&mut self, subject: String, payload: Vec<u8>) -> Result<(), GuestError> {
         if payload.len() > MAX_MESSAGE {
-            return Err(GuestError::Invalid(format!("payload is {} bytes; the limit is {MAX_MESSAGE}", payload.len())));
+            return Err(GuestError::Invalid(format!(
+                "payload is {} bytes; the limit is {MAX_MESSAGE}",
+                payload.len()
+            )));
         }
         if subject.contains(['*', '>']) {
-            return Err(GuestError::Invalid(format!("cannot publish to wildcard subject `{subject}`")));
+            return Err(GuestError::Invalid(format!(
+                "cannot publish to wildcard subject `{subject}`"
+            )));
         }
         perch_core::spec::check_subject_pattern(&subject).map_err(GuestError::Invalid)?;
-        self.ctx.bus.publish(&subject, payload.into(), Some(&self.ctx.name));
+        self.ctx
+            .bus
+            .publish(&subject, payload.into(), Some(&self.ctx.name));
         Ok(())
     }
 }
@@ -260,7 +310,10 @@ impl IsTerminal for LogStream {
 
 impl StdoutStream for LogStream {
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(LineWriter { stream: self.clone(), pending: Vec::new() })
+        Box::new(LineWriter {
+            stream: self.clone(),
+            pending: Vec::new(),
+        })
     }
 }
 
@@ -271,14 +324,22 @@ struct LineWriter {
 
 impl LineWriter {
     fn emit(&mut self, line: &[u8]) {
-        let mut text = String::from_utf8_lossy(line).trim_end_matches('\r').to_string();
+        let mut text = String::from_utf8_lossy(line)
+            .trim_end_matches('\r')
+            .to_string();
         truncate_utf8(&mut text, MAX_LOG_LINE);
-        self.stream.log.push(self.stream.level, self.stream.source, text);
+        self.stream
+            .log
+            .push(self.stream.level, self.stream.source, text);
     }
 }
 
 impl tokio::io::AsyncWrite for LineWriter {
-    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         this.pending.extend_from_slice(buf);
         while let Some(pos) = this.pending.iter().position(|b| *b == b'\n') {

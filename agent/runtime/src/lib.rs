@@ -15,5 +15,5 @@ pub mod supervisor;
 
 pub use component::{LoadError, LoadSource, Loaded};
 pub use engine::AllocatorKind;
-pub use runtime::{Call, HttpError, Runtime, RuntimeError, Running};
+pub use runtime::{Call, HttpError, Running, Runtime, RuntimeError};
 pub use supervisor::Outcome;

@@ -108,7 +108,11 @@ pub enum HttpError {
     NoRoute(String),
     /// backing off or at its instance limit
     #[error("component `{component}` is unavailable: {reason}")]
-    Unavailable { component: String, reason: String, retry_after: Option<Duration> },
+    Unavailable {
+        component: String,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     /// the invocation failed before a response was produced
     #[error("component `{component}` failed: {message}")]
     Failed { component: String, message: String },
@@ -137,7 +141,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("allocator", &self.allocator).finish_non_exhaustive()
+        f.debug_struct("Runtime")
+            .field("allocator", &self.allocator)
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,11 +164,18 @@ pub fn describe_error(e: &wasmtime::Error) -> String {
     for cause in e.chain() {
         let text = cause.to_string();
         let first = text.lines().next().unwrap_or("").trim().to_string();
-        if !first.is_empty() && !parts.iter().any(|p| p.contains(&first)) && !first.starts_with("error while executing at wasm backtrace") {
+        if !first.is_empty()
+            && !parts.iter().any(|p| p.contains(&first))
+            && !first.starts_with("error while executing at wasm backtrace")
+        {
             parts.push(first);
         }
     }
-    if parts.is_empty() { format!("{e}") } else { parts.join(": ") }
+    if parts.is_empty() {
+        format!("{e}")
+    } else {
+        parts.join(": ")
+    }
 }
 
 impl Runtime {
@@ -234,27 +247,40 @@ impl Runtime {
 
     /// Checks that `bytes` are a component this agent can run, without storing anything:
     /// header, compile, link, and the exports `triggers` need. Compiles on a blocking thread.
-    pub async fn validate(self: &Arc<Self>, spec: ComponentSpec, bytes: Bytes) -> Result<(), LoadError> {
+    pub async fn validate(
+        self: &Arc<Self>,
+        spec: ComponentSpec,
+        bytes: Bytes,
+    ) -> Result<(), LoadError> {
         let rt = self.clone();
         tokio::task::spawn_blocking(move || {
             let name = spec.name.clone();
             let c = component::compile(&rt.engine, &name, &bytes)?;
-            rt.linker
-                .instantiate_pre(&c)
-                .map_err(|e| LoadError::Link { component: name.clone(), message: format!("{e:#}") })?;
+            rt.linker.instantiate_pre(&c).map_err(|e| LoadError::Link {
+                component: name.clone(),
+                message: format!("{e:#}"),
+            })?;
             Ok(())
         })
         .await
-        .map_err(|e| LoadError::Task { component: String::new(), message: e.to_string() })?
+        .map_err(|e| LoadError::Task {
+            component: String::new(),
+            message: e.to_string(),
+        })?
     }
 
     /// Loads `spec` (from the precompiled cache when possible) on a blocking thread.
     pub async fn prepare(self: &Arc<Self>, spec: ComponentSpec) -> Result<Loaded, LoadError> {
         let rt = self.clone();
         let name = spec.name.clone();
-        tokio::task::spawn_blocking(move || component::load(&rt.engine, &rt.fingerprint, &rt.linker, &rt.store, &spec))
-            .await
-            .map_err(|e| LoadError::Task { component: name, message: e.to_string() })?
+        tokio::task::spawn_blocking(move || {
+            component::load(&rt.engine, &rt.fingerprint, &rt.linker, &rt.store, &spec)
+        })
+        .await
+        .map_err(|e| LoadError::Task {
+            component: name,
+            message: e.to_string(),
+        })?
     }
 
     /// Starts a loaded component, replacing (and stopping) any running one of the same name.
@@ -265,12 +291,25 @@ impl Runtime {
         log.push(
             LogLevel::Info,
             "agent",
-            format!("started {} ({}, {} us)", loaded.spec.digest.short(), loaded.source.as_str(), loaded.load_us),
+            format!(
+                "started {} ({}, {} us)",
+                loaded.spec.digest.short(),
+                loaded.source.as_str(),
+                loaded.load_us
+            ),
         );
-        let ctx = Arc::new(ComponentCtx { name: name.clone(), store: self.store.clone(), bus: self.bus.clone(), log });
+        let ctx = Arc::new(ComponentCtx {
+            name: name.clone(),
+            store: self.store.clone(),
+            bus: self.bus.clone(),
+            log,
+        });
         let running = Arc::new(Running {
             permits: Arc::new(Semaphore::new(limits.instances as usize)),
-            supervisor: Supervisor::new(self.config.runtime.backoff_base, self.config.runtime.backoff_max),
+            supervisor: Supervisor::new(
+                self.config.runtime.backoff_base,
+                self.config.runtime.backoff_max,
+            ),
             limits,
             ctx,
             loaded,
@@ -305,7 +344,10 @@ impl Runtime {
         if let Some(old) = write(&self.running).remove(&spec.name) {
             self.stop(&old);
         }
-        let error = ErrorRecord { at_ms: now_ms(), message: error.to_string() };
+        let error = ErrorRecord {
+            at_ms: now_ms(),
+            message: error.to_string(),
+        };
         write(&self.failed).insert(spec.name.clone(), Failed { spec, error, log });
     }
 
@@ -323,17 +365,29 @@ impl Runtime {
     }
 
     fn stop(&self, r: &Running) {
-        for id in r.subscriptions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+        for id in r
+            .subscriptions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
             self.bus.unsubscribe(id);
         }
-        for t in r.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+        for t in r
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
             t.abort();
         }
     }
 
     /// Stops every component.
     pub fn stop_all(&self) {
-        let all: Vec<_> = std::mem::take(&mut *write(&self.running)).into_values().collect();
+        let all: Vec<_> = std::mem::take(&mut *write(&self.running))
+            .into_values()
+            .collect();
         for r in all {
             self.stop(&r);
         }
@@ -346,9 +400,15 @@ impl Runtime {
 
     /// Specs of everything running or failed, by name.
     pub fn specs(&self) -> HashMap<String, ComponentSpec> {
-        let mut out: HashMap<String, ComponentSpec> =
-            read(&self.running).iter().map(|(k, v)| (k.clone(), v.loaded.spec.clone())).collect();
-        out.extend(read(&self.failed).iter().map(|(k, v)| (k.clone(), v.spec.clone())));
+        let mut out: HashMap<String, ComponentSpec> = read(&self.running)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.loaded.spec.clone()))
+            .collect();
+        out.extend(
+            read(&self.failed)
+                .iter()
+                .map(|(k, v)| (k.clone(), v.spec.clone())),
+        );
         out
     }
 
@@ -360,7 +420,13 @@ impl Runtime {
         let intervals: Vec<Duration> = spec
             .triggers
             .iter()
-            .filter_map(|t| if let Trigger::Every(d) = t { Some(d.0) } else { None })
+            .filter_map(|t| {
+                if let Trigger::Every(d) = t {
+                    Some(d.0)
+                } else {
+                    None
+                }
+            })
             .collect();
         // Startup runs first; timers begin once it has returned.
         let (rt, run) = (self.clone(), r.clone());
@@ -396,18 +462,33 @@ impl Runtime {
                             Err(_) => return,
                         };
                         tokio::spawn(async move {
-                            rt.invoke_with_permit(&run, Call::Message { subject: m.subject, payload: m.payload }, permit).await;
+                            rt.invoke_with_permit(
+                                &run,
+                                Call::Message {
+                                    subject: m.subject,
+                                    payload: m.payload,
+                                },
+                                permit,
+                            )
+                            .await;
                         });
                     }
                 }));
             }
         }
-        *r.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
-        *r.subscriptions.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = subs;
+        *r.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
+        *r.subscriptions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = subs;
     }
 
     fn new_store(&self, r: &Running) -> WtStore<Host> {
-        let mut store = WtStore::new(&self.engine, Host::new(r.ctx.clone(), r.limits.memory as usize));
+        let mut store = WtStore::new(
+            &self.engine,
+            Host::new(r.ctx.clone(), r.limits.memory as usize),
+        );
         store.limiter(|h| &mut h.limiter);
         // Yield to tokio on every epoch tick: a guest spinning in a loop cannot hold a worker
         // thread, and the invocation's timeout can fire and drop the store.
@@ -452,7 +533,10 @@ impl Runtime {
         drop(store);
         r.supervisor.instance_ended(peak);
         let outcome = match result {
-            Err(_) => Outcome::Crash(format!("timed out after {}", HumanDuration(r.limits.timeout))),
+            Err(_) => Outcome::Crash(format!(
+                "timed out after {}",
+                HumanDuration(r.limits.timeout)
+            )),
             Ok(Err(e)) => Outcome::Crash(describe_error(&e)),
             Ok(Ok(Err(msg))) => Outcome::GuestError(msg),
             Ok(Ok(Ok(()))) => Outcome::Ok,
@@ -468,17 +552,27 @@ impl Runtime {
             Outcome::Ok => tracing::debug!(component = name, call = what, us, "invocation ok"),
             Outcome::GuestError(msg) => {
                 tracing::warn!(component = name, call = what, error = %msg, "invocation returned an error");
-                r.ctx.log.push(LogLevel::Warn, "agent", format!("{what} returned an error: {msg}"));
+                r.ctx.log.push(
+                    LogLevel::Warn,
+                    "agent",
+                    format!("{what} returned an error: {msg}"),
+                );
             }
             Outcome::Crash(msg) => {
                 tracing::warn!(component = name, call = what, error = %msg, "invocation crashed; instance dropped");
-                r.ctx.log.push(LogLevel::Error, "agent", format!("{what} crashed: {msg}"));
+                r.ctx
+                    .log
+                    .push(LogLevel::Error, "agent", format!("{what} crashed: {msg}"));
             }
             Outcome::Skipped(_) => {}
         }
         if let Some(delay) = r.supervisor.record(outcome) {
             let msg = format!("crash-looping: next invocation in {} ms", delay.as_millis());
-            tracing::warn!(component = name, backoff_ms = delay.as_millis() as u64, "component is crash-looping");
+            tracing::warn!(
+                component = name,
+                backoff_ms = delay.as_millis() as u64,
+                "component is crash-looping"
+            );
             r.ctx.log.push(LogLevel::Warn, "agent", msg);
         }
     }
@@ -506,25 +600,38 @@ impl Runtime {
     }
 
     /// Serves one HTTP request with the component whose route matches its path.
-    pub async fn serve_http<B>(self: &Arc<Self>, req: http::Request<B>) -> Result<http::Response<HyperOutgoingBody>, HttpError>
+    pub async fn serve_http<B>(
+        self: &Arc<Self>,
+        req: http::Request<B>,
+    ) -> Result<http::Response<HyperOutgoingBody>, HttpError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::fmt::Display,
     {
         let path = req.uri().path().to_string();
-        let r = self.route(&path).ok_or_else(|| HttpError::NoRoute(path.clone()))?;
+        let r = self
+            .route(&path)
+            .ok_or_else(|| HttpError::NoRoute(path.clone()))?;
         let name = r.name().to_string();
-        let unavailable = |reason: &str, retry_after| HttpError::Unavailable { component: name.clone(), reason: reason.to_string(), retry_after };
-        if let Err(wait) = r.supervisor.admit() {
-            return Err(unavailable("backing off after repeated crashes", Some(wait)));
-        }
-        let permit = match tokio::time::timeout(r.limits.timeout, r.permits.clone().acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            _ => {
-                r.supervisor.skipped();
-                return Err(unavailable("all instances busy", None));
-            }
+        let unavailable = |reason: &str, retry_after| HttpError::Unavailable {
+            component: name.clone(),
+            reason: reason.to_string(),
+            retry_after,
         };
+        if let Err(wait) = r.supervisor.admit() {
+            return Err(unavailable(
+                "backing off after repeated crashes",
+                Some(wait),
+            ));
+        }
+        let permit =
+            match tokio::time::timeout(r.limits.timeout, r.permits.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    r.supervisor.skipped();
+                    return Err(unavailable("all instances busy", None));
+                }
+            };
         let Some(proxy) = r.loaded.proxy.clone() else {
             return Err(HttpError::NoRoute(path));
         };
@@ -538,11 +645,17 @@ impl Runtime {
         let mut store = self.new_store(&r);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let prepared = (|| {
-            let req = store.data_mut().http().new_incoming_request(Scheme::Http, req)?;
+            let req = store
+                .data_mut()
+                .http()
+                .new_incoming_request(Scheme::Http, req)?;
             let out = store.data_mut().http().new_response_outparam(tx)?;
             Ok::<_, wasmtime::Error>((req, out))
         })();
-        let (wreq, out) = prepared.map_err(|e| HttpError::Failed { component: name.clone(), message: describe_error(&e) })?;
+        let (wreq, out) = prepared.map_err(|e| HttpError::Failed {
+            component: name.clone(),
+            message: describe_error(&e),
+        })?;
         r.supervisor.instance_started();
         let (rt, run) = (self.clone(), r.clone());
         let task = tokio::spawn(async move {
@@ -551,7 +664,9 @@ impl Runtime {
             let result = {
                 let fut = async {
                     let p = proxy.instantiate_async(&mut store).await?;
-                    p.wasi_http_incoming_handler().call_handle(&mut store, wreq, out).await
+                    p.wasi_http_incoming_handler()
+                        .call_handle(&mut store, wreq, out)
+                        .await
                 };
                 tokio::time::timeout(run.limits.timeout, fut).await
             };
@@ -559,7 +674,10 @@ impl Runtime {
             drop(store);
             run.supervisor.instance_ended(peak);
             let outcome = match result {
-                Err(_) => Outcome::Crash(format!("timed out after {}", HumanDuration(run.limits.timeout))),
+                Err(_) => Outcome::Crash(format!(
+                    "timed out after {}",
+                    HumanDuration(run.limits.timeout)
+                )),
                 Ok(Err(e)) => Outcome::Crash(describe_error(&e)),
                 Ok(Ok(())) => Outcome::Ok,
             };
@@ -568,21 +686,30 @@ impl Runtime {
         });
         match rx.await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(code)) => Err(HttpError::Failed { component: name, message: format!("responded with error {code:?}") }),
+            Ok(Err(code)) => Err(HttpError::Failed {
+                component: name,
+                message: format!("responded with error {code:?}"),
+            }),
             Err(_) => {
                 let message = match task.await {
                     Ok(Outcome::Crash(m)) => m,
                     Ok(_) => "the component returned without setting a response".to_string(),
                     Err(e) => e.to_string(),
                 };
-                Err(HttpError::Failed { component: name, message })
+                Err(HttpError::Failed {
+                    component: name,
+                    message,
+                })
             }
         }
     }
 
     /// Status of every component, running or failed, sorted by name.
     pub fn status(&self) -> Vec<ComponentStatus> {
-        let mut out: Vec<ComponentStatus> = read(&self.running).values().map(|r| self.running_status(r)).collect();
+        let mut out: Vec<ComponentStatus> = read(&self.running)
+            .values()
+            .map(|r| self.running_status(r))
+            .collect();
         for f in read(&self.failed).values() {
             out.push(ComponentStatus {
                 name: f.spec.name.clone(),
@@ -635,7 +762,10 @@ impl Runtime {
 
     /// Bus counters.
     pub fn metrics(&self) -> RuntimeMetrics {
-        RuntimeMetrics { messages_published: self.bus.published(), messages_dropped: self.bus.dropped() }
+        RuntimeMetrics {
+            messages_published: self.bus.published(),
+            messages_dropped: self.bus.dropped(),
+        }
     }
 }
 
@@ -649,7 +779,12 @@ type CallResult = wasmtime::Result<Result<(), String>>;
 
 async fn call_export(store: &mut WtStore<Host>, loaded: &Loaded, call: &Call) -> CallResult {
     let instance = loaded.pre.instantiate_async(&mut *store).await?;
-    let missing = || wasmtime::format_err!("the component does not export the function for {}", call.describe());
+    let missing = || {
+        wasmtime::format_err!(
+            "the component does not export the function for {}",
+            call.describe()
+        )
+    };
     match call {
         Call::Start => {
             let idx = loaded.on_start.as_ref().ok_or_else(missing)?;
@@ -663,8 +798,13 @@ async fn call_export(store: &mut WtStore<Host>, loaded: &Loaded, call: &Call) ->
         }
         Call::Message { subject, payload } => {
             let idx = loaded.on_message.as_ref().ok_or_else(missing)?;
-            let f = instance.get_typed_func::<(&str, &[u8]), (Result<(), String>,)>(&mut *store, idx)?;
-            Ok(f.call_async(&mut *store, (subject.as_str(), payload.as_ref())).await?.0)
+            let f = instance
+                .get_typed_func::<(&str, &[u8]), (Result<(), String>,)>(&mut *store, idx)?;
+            Ok(
+                f.call_async(&mut *store, (subject.as_str(), payload.as_ref()))
+                    .await?
+                    .0,
+            )
         }
     }
 }

@@ -12,7 +12,10 @@ pub const CRASH_LOOP_THRESHOLD: u32 = 3;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -31,24 +34,43 @@ pub struct ComponentLog {
 impl ComponentLog {
     /// An empty log keeping at most `capacity` lines.
     pub fn new(component: &str, capacity: usize) -> Self {
-        Self { component: component.to_string(), capacity: capacity.max(1), lines: Mutex::new(VecDeque::new()) }
+        Self {
+            component: component.to_string(),
+            capacity: capacity.max(1),
+            lines: Mutex::new(VecDeque::new()),
+        }
     }
 
     /// Appends a line and mirrors it to `tracing` with the component's name.
     pub fn push(&self, level: LogLevel, source: &str, message: String) {
         let component = self.component.as_str();
         match level {
-            LogLevel::Trace => tracing::trace!(target: "perch::guest", component, source, "{message}"),
-            LogLevel::Debug => tracing::debug!(target: "perch::guest", component, source, "{message}"),
-            LogLevel::Info => tracing::info!(target: "perch::guest", component, source, "{message}"),
-            LogLevel::Warn => tracing::warn!(target: "perch::guest", component, source, "{message}"),
-            LogLevel::Error => tracing::error!(target: "perch::guest", component, source, "{message}"),
+            LogLevel::Trace => {
+                tracing::trace!(target: "perch::guest", component, source, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(target: "perch::guest", component, source, "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(target: "perch::guest", component, source, "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: "perch::guest", component, source, "{message}")
+            }
+            LogLevel::Error => {
+                tracing::error!(target: "perch::guest", component, source, "{message}")
+            }
         }
         let mut lines = lock(&self.lines);
         if lines.len() == self.capacity {
             lines.pop_front();
         }
-        lines.push_back(LogLine { at_ms: now_ms(), level, source: source.to_string(), message });
+        lines.push_back(LogLine {
+            at_ms: now_ms(),
+            level,
+            source: source.to_string(),
+            message,
+        });
     }
 
     /// The newest `limit` lines, oldest first.
@@ -108,7 +130,11 @@ pub struct SupervisorSnapshot {
 impl Supervisor {
     /// A fresh supervisor with the given backoff bounds.
     pub fn new(backoff_base: Duration, backoff_max: Duration) -> Self {
-        Self { backoff_base, backoff_max, counters: Mutex::new(Counters::default()) }
+        Self {
+            backoff_base,
+            backoff_max,
+            counters: Mutex::new(Counters::default()),
+        }
     }
 
     /// Whether an invocation may start now; counts a skip if not.
@@ -155,17 +181,26 @@ impl Supervisor {
             Outcome::GuestError(msg) => {
                 c.invocations += 1;
                 c.failures += 1;
-                c.last_error = Some(ErrorRecord { at_ms: now_ms(), message: format!("returned an error: {msg}") });
+                c.last_error = Some(ErrorRecord {
+                    at_ms: now_ms(),
+                    message: format!("returned an error: {msg}"),
+                });
                 None
             }
             Outcome::Crash(msg) => {
                 c.invocations += 1;
                 c.failures += 1;
                 c.consecutive_crashes += 1;
-                c.last_error = Some(ErrorRecord { at_ms: now_ms(), message: msg.clone() });
+                c.last_error = Some(ErrorRecord {
+                    at_ms: now_ms(),
+                    message: msg.clone(),
+                });
                 if c.consecutive_crashes >= CRASH_LOOP_THRESHOLD {
                     let exp = (c.consecutive_crashes - CRASH_LOOP_THRESHOLD).min(20);
-                    let delay = self.backoff_base.saturating_mul(1 << exp).min(self.backoff_max);
+                    let delay = self
+                        .backoff_base
+                        .saturating_mul(1 << exp)
+                        .min(self.backoff_max);
                     c.backoff_until = Some(Instant::now() + delay);
                     Some(delay)
                 } else {
@@ -226,7 +261,10 @@ mod tests {
             assert_eq!(s.record(&Outcome::GuestError("nope".into())), None);
         }
         let snap = s.snapshot();
-        assert_eq!((snap.state, snap.failures, snap.consecutive_failures), (ComponentState::Running, 5, 0));
+        assert_eq!(
+            (snap.state, snap.failures, snap.consecutive_failures),
+            (ComponentState::Running, 5, 0)
+        );
         assert!(snap.last_error.expect("recorded").message.contains("nope"));
     }
 

@@ -38,14 +38,20 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { idle_secs: 60, launches: 30, only: None };
+    let mut args = Args {
+        idle_secs: 60,
+        launches: 30,
+        only: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--idle-secs" => args.idle_secs = it.next().context("--idle-secs N")?.parse()?,
             "--launches" => args.launches = it.next().context("--launches N")?.parse()?,
             "--only" => args.only = Some(it.next().context("--only NAME")?),
-            other => bail!("unknown argument `{other}`; expected --idle-secs N, --launches N, --only NAME"),
+            other => bail!(
+                "unknown argument `{other}`; expected --idle-secs N, --launches N, --only NAME"
+            ),
         }
     }
     Ok(args)
@@ -85,7 +91,10 @@ fn progress(msg: &str) {
 }
 
 fn config_in(dir: &Path) -> AgentConfig {
-    AgentConfig { data_dir: dir.to_path_buf(), ..AgentConfig::default() }
+    AgentConfig {
+        data_dir: dir.to_path_buf(),
+        ..AgentConfig::default()
+    }
 }
 
 // --- fresh store + instantiate + call + drop ---------------------------------------------
@@ -97,24 +106,35 @@ struct BareState {
 
 impl wasmtime_wasi::WasiView for BareState {
     fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
-        wasmtime_wasi::WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 fn bench_invoke(rows: &mut Vec<Row>) -> Result<()> {
     progress("fresh store + instantiate + call + drop (noop) vs a bare wasmtime embedding");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let dir = tempfile::tempdir()?;
     rt.block_on(async {
         let cfg = config_in(dir.path());
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path().join("data"), &SledOptions::default())?);
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(
+            dir.path().join("data"),
+            &SledOptions::default(),
+        )?);
         let noop = examples::bytes(examples::NOOP);
         let digest = store.put_blob(&noop, None)?;
         let runtime = Runtime::new(cfg.clone(), store.clone())?;
         let spec = ComponentSpec {
             name: "noop".into(),
             digest,
-            triggers: vec![Trigger::Every(perch_core::HumanDuration(Duration::from_secs(3600)))],
+            triggers: vec![Trigger::Every(perch_core::HumanDuration(
+                Duration::from_secs(3600),
+            ))],
             limits: Default::default(),
         };
         let loaded = runtime.prepare(spec).await?;
@@ -124,11 +144,18 @@ fn bench_invoke(rows: &mut Vec<Row>) -> Result<()> {
         let (engine, _) = perch_runtime::engine::build_engine(&cfg)?;
         let ticker = perch_runtime::engine::EpochTicker::start(&engine, cfg.runtime.epoch_tick);
         let mut linker: Linker<BareState> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let component = Component::new(&engine, &noop).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        let pre = linker.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("bare link: {e:#}"))?;
-        let (_, inst) = component.get_export(None, "perch:device/timer@0.1.0").context("timer export")?;
-        let (_, func) = component.get_export(Some(&inst), "on-tick").context("on-tick export")?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("bare link: {e:#}"))?;
+        let (_, inst) = component
+            .get_export(None, "perch:device/timer@0.1.0")
+            .context("timer export")?;
+        let (_, func) = component
+            .get_export(Some(&inst), "on-tick")
+            .context("on-tick export")?;
 
         let rounds = 10;
         let per_round = 2000;
@@ -144,11 +171,25 @@ fn bench_invoke(rows: &mut Vec<Row>) -> Result<()> {
             }
             for _ in 0..per_round {
                 let t = Instant::now();
-                let mut s = WtStore::new(&engine, BareState { wasi: wasmtime_wasi::WasiCtx::builder().build(), table: ResourceTable::new() });
+                let mut s = WtStore::new(
+                    &engine,
+                    BareState {
+                        wasi: wasmtime_wasi::WasiCtx::builder().build(),
+                        table: ResourceTable::new(),
+                    },
+                );
                 s.set_epoch_deadline(1_000_000);
-                let i = pre.instantiate_async(&mut s).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
-                let f = i.get_typed_func::<(), (Result<(), String>,)>(&mut s, &func).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-                let (r,) = f.call_async(&mut s, ()).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                let i = pre
+                    .instantiate_async(&mut s)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                let f = i
+                    .get_typed_func::<(), (Result<(), String>,)>(&mut s, &func)
+                    .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                let (r,) = f
+                    .call_async(&mut s, ())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e:#}"))?;
                 drop(s);
                 bare.push(t.elapsed());
                 r.map_err(|e| anyhow::anyhow!(e))?;
@@ -160,9 +201,16 @@ fn bench_invoke(rows: &mut Vec<Row>) -> Result<()> {
         bare.sort();
         let (p50, b50) = (pct(&perch, 0.5), pct(&bare, 0.5));
         rows.push(Row {
-            name: format!("fresh store + instantiate + call + drop, noop ({} calls each, interleaved)", rounds * per_round),
+            name: format!(
+                "fresh store + instantiate + call + drop, noop ({} calls each, interleaved)",
+                rounds * per_round
+            ),
             perch: format!("p50 {} / p99 {}", us(p50), us(pct(&perch, 0.99))),
-            baseline: format!("bare wasmtime 48, same engine config: p50 {} / p99 {}", us(b50), us(pct(&bare, 0.99))),
+            baseline: format!(
+                "bare wasmtime 48, same engine config: p50 {} / p99 {}",
+                us(b50),
+                us(pct(&bare, 0.99))
+            ),
             ratio: format!("{:.2}x", p50.as_secs_f64() / b50.as_secs_f64()),
             goal: "p50 <= 25 us and <= 1.1x".into(),
         });
@@ -176,7 +224,10 @@ fn bench_load(rows: &mut Vec<Row>) -> Result<()> {
     progress("load from the precompiled cache (deserialize) vs compile");
     let dir = tempfile::tempdir()?;
     let (engine, _) = perch_runtime::engine::build_engine(&config_in(dir.path()))?;
-    for (name, path) in [("timer", examples::TIMER), ("http-hello", examples::HTTP_HELLO)] {
+    for (name, path) in [
+        ("timer", examples::TIMER),
+        ("http-hello", examples::HTTP_HELLO),
+    ] {
         let bytes = examples::bytes(path);
         let mut compile = Vec::new();
         let mut deser = Vec::new();
@@ -190,7 +241,8 @@ fn bench_load(rows: &mut Vec<Row>) -> Result<()> {
                 let t = Instant::now();
                 // SAFETY: `art` was just produced by `serialize` with this same engine.
                 #[allow(unsafe_code)]
-                let c = unsafe { Component::deserialize(&engine, &art) }.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+                let c = unsafe { Component::deserialize(&engine, &art) }
+                    .map_err(|e| anyhow::anyhow!("{e:#}"))?;
                 deser.push(t.elapsed());
                 drop(c);
             }
@@ -199,7 +251,11 @@ fn bench_load(rows: &mut Vec<Row>) -> Result<()> {
         deser.sort();
         let (d, c) = (pct(&deser, 0.5), pct(&compile, 0.5));
         rows.push(Row {
-            name: format!("load {name} ({} KiB wasm, {} KiB native)", bytes.len() / 1024, art.len() / 1024),
+            name: format!(
+                "load {name} ({} KiB wasm, {} KiB native)",
+                bytes.len() / 1024,
+                art.len() / 1024
+            ),
             perch: format!("deserialize p50 {}", ms(d)),
             baseline: format!("compile (Cranelift) p50 {}", ms(c)),
             ratio: format!("{:.0}x faster", c.as_secs_f64() / d.as_secs_f64()),
@@ -233,7 +289,13 @@ fn seeded_dir() -> Result<tempfile::TempDir> {
 fn launch_to_first_tick(dir: &Path) -> Result<Duration> {
     let cfg = dir.join("perchd.toml");
     let port = free_port();
-    std::fs::write(&cfg, format!("data-dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n", dir.join("data").display()))?;
+    std::fs::write(
+        &cfg,
+        format!(
+            "data-dir = \"{}\"\nlisten = \"127.0.0.1:{port}\"\n",
+            dir.join("data").display()
+        ),
+    )?;
     let t = Instant::now();
     let mut child = Command::new(perchd_bin())
         .arg("--config")
@@ -250,7 +312,9 @@ fn launch_to_first_tick(dir: &Path) -> Result<Duration> {
             break;
         }
     }
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     child.wait()?;
     elapsed.context("perchd exited before the first tick")
 }
@@ -263,7 +327,9 @@ fn prune_artifacts(dir: &Path) -> Result<()> {
 }
 
 fn bench_cold_start(rows: &mut Vec<Row>, launches: usize) -> Result<()> {
-    progress(&format!("cold start to first timer invocation, 3 cached components, {launches} launches"));
+    progress(&format!(
+        "cold start to first timer invocation, 3 cached components, {launches} launches"
+    ));
     let dir = seeded_dir()?;
     let (mut cached, mut compiled) = (Vec::new(), Vec::new());
     launch_to_first_tick(dir.path())?; // warm the page cache once
@@ -297,7 +363,9 @@ fn bench_cold_start(rows: &mut Vec<Row>, launches: usize) -> Result<()> {
 // --- idle RSS -----------------------------------------------------------------------------
 
 fn bench_idle_rss(rows: &mut Vec<Row>, idle_secs: u64) -> Result<()> {
-    progress(&format!("idle RSS after {idle_secs} s with 3 components vs an empty agent"));
+    progress(&format!(
+        "idle RSS after {idle_secs} s with 3 components vs an empty agent"
+    ));
     let dir = seeded_dir()?;
     let empty = tempfile::tempdir()?;
     let with = Perchd::start(dir.path(), Launch::default())?;
@@ -312,7 +380,10 @@ fn bench_idle_rss(rows: &mut Vec<Row>, idle_secs: u64) -> Result<()> {
     rows.push(Row {
         name: format!("idle RSS after {idle_secs} s, 3 components (timer ticking every 1 s)"),
         perch: mib(rss),
-        baseline: format!("perchd with no components: {}; Greengrass nucleus lite (published): 14.8 MB", mib(base)),
+        baseline: format!(
+            "perchd with no components: {}; Greengrass nucleus lite (published): 14.8 MB",
+            mib(base)
+        ),
         ratio: format!("{:.2}x of empty", rss as f64 / base.max(1) as f64),
         goal: "<= 12 MB".into(),
     });
@@ -323,7 +394,10 @@ fn bench_idle_rss(rows: &mut Vec<Row>, idle_secs: u64) -> Result<()> {
 
 fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
     progress("memory per live instance and address space for 1000 instances");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let dir = tempfile::tempdir()?;
     let me = std::process::id().to_string();
     let n = 1000;
@@ -331,7 +405,10 @@ fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
         let mut cfg = config_in(dir.path());
         cfg.runtime.pool_instances = n;
         cfg.runtime.allocator = perch_core::config::Allocator::Pooling;
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path().join("data"), &SledOptions::default())?);
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(
+            dir.path().join("data"),
+            &SledOptions::default(),
+        )?);
         let noop = examples::bytes(examples::NOOP);
 
         let vm0 = status_kib(&me, "VmSize:");
@@ -340,7 +417,9 @@ fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
         let mut linker: Linker<Host> = Linker::new(&engine);
         perch_runtime::host::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let component = Component::new(&engine, &noop).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        let pre = linker.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let ctx = Arc::new(ComponentCtx {
             name: "noop".into(),
             store: store.clone(),
@@ -350,10 +429,16 @@ fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
         let rss0 = status_kib(&me, "VmRSS:");
         let mut live = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let mut s = WtStore::new(&engine, Host::new(ctx.clone(), cfg.limits.memory.bytes() as usize));
+            let mut s = WtStore::new(
+                &engine,
+                Host::new(ctx.clone(), cfg.limits.memory.bytes() as usize),
+            );
             s.limiter(|h| &mut h.limiter);
             s.set_epoch_deadline(1_000_000);
-            let i = pre.instantiate_async(&mut s).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+            let i = pre
+                .instantiate_async(&mut s)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e:#}"))?;
             live.push((s, i));
         }
         let per_instance = status_kib(&me, "VmRSS:").saturating_sub(rss0) / u64::from(n);
@@ -395,9 +480,15 @@ fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
 // --- HTTP requests/s vs wasmtime serve -------------------------------------------------------
 
 fn wrk_rps(url: &str, secs: u64) -> Result<f64> {
-    let out = Command::new("wrk").args(["-t2", "-c16", &format!("-d{secs}s"), url]).output().context("run wrk")?;
+    let out = Command::new("wrk")
+        .args(["-t2", "-c16", &format!("-d{secs}s"), url])
+        .output()
+        .context("run wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains("Non-2xx") || text.contains("Socket errors") && !text.contains("Socket errors: connect 0, read 0, write 0, timeout 0") {
+    if text.contains("Non-2xx")
+        || text.contains("Socket errors")
+            && !text.contains("Socket errors: connect 0, read 0, write 0, timeout 0")
+    {
         bail!("wrk saw errors:\n{text}");
     }
     text.lines()
@@ -418,7 +509,12 @@ fn wasmtime_bin() -> Option<PathBuf> {
 fn wait_http(url: &str) -> Result<()> {
     let client = reqwest::blocking::Client::new();
     for _ in 0..500 {
-        if client.get(url).send().map(|r| r.status().is_success()).unwrap_or(false) {
+        if client
+            .get(url)
+            .send()
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+        {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -445,7 +541,13 @@ fn bench_http(rows: &mut Vec<Row>) -> Result<()> {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
-    let agent = Perchd::start(dir.path(), Launch { extra_config: "[runtime]\n".into(), ..Launch::default() })?;
+    let agent = Perchd::start(
+        dir.path(),
+        Launch {
+            extra_config: "[runtime]\n".into(),
+            ..Launch::default()
+        },
+    )?;
     let r = agent.deploy("hello", &examples::bytes(examples::HTTP_HELLO), "http=/")?;
     if r.status != 201 {
         bail!("deploy: {}", r.body);
@@ -453,7 +555,12 @@ fn bench_http(rows: &mut Vec<Row>) -> Result<()> {
     let perch_url = format!("http://{}/", agent.addr);
     let port = free_port();
     let mut serve = Command::new(&wasmtime)
-        .args(["serve", "--addr", &format!("127.0.0.1:{port}"), examples::HTTP_HELLO])
+        .args([
+            "serve",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            examples::HTTP_HELLO,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -490,10 +597,19 @@ fn bench_http(rows: &mut Vec<Row>) -> Result<()> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = Command::new("uname").arg("-rm").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let kernel = Command::new("uname")
+        .arg("-rm")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     format!("{cpu}, {cores} cores, Linux {kernel}")
 }
 
@@ -523,7 +639,10 @@ fn main() -> Result<()> {
     println!("| benchmark | perch | baseline (same run) | ratio | goal |");
     println!("|---|---|---|---|---|");
     for r in rows {
-        println!("| {} | {} | {} | {} | {} |", r.name, r.perch, r.baseline, r.ratio, r.goal);
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.name, r.perch, r.baseline, r.ratio, r.goal
+        );
     }
     Ok(())
 }
