@@ -110,6 +110,15 @@ impl Agent {
         store: Arc<dyn Store>,
     ) -> Result<Arc<Self>, StartError> {
         let runtime = Runtime::new(config.clone(), store.clone())?;
+        // Artifacts compiled by another engine (an agent upgrade) can never load again.
+        match store.prune_artifacts(runtime.fingerprint()) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                "removed precompiled artifacts of another engine"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not prune old precompiled artifacts"),
+        }
         let desired = restore_desired(store.as_ref());
         let agent = Arc::new(Self {
             config,

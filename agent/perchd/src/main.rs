@@ -90,6 +90,9 @@ async fn run(config: perch_core::AgentConfig) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    // Register for SIGTERM before restoring components, so a stop requested during startup
+    // still ends with a clean shutdown (components stopped, store synced) instead of a kill.
+    let shutdown = shutdown_signal();
     let agent = match Agent::start(config).await {
         Ok(a) => a,
         Err(e) => {
@@ -99,7 +102,7 @@ async fn run(config: perch_core::AgentConfig) -> ExitCode {
         }
     };
     tracing::info!(%addr, "listening");
-    let result = server::serve(agent.clone(), listener, shutdown_signal()).await;
+    let result = server::serve(agent.clone(), listener, shutdown).await;
     tracing::info!("shutting down");
     agent.shutdown();
     match result {
@@ -111,17 +114,22 @@ async fn run(config: perch_core::AgentConfig) -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C. The SIGTERM handler is installed when this is called,
+/// not when the future is first polled.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    async move {
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

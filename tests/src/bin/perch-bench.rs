@@ -300,14 +300,30 @@ fn launch_to_first_tick(dir: &Path) -> Result<Duration> {
     let mut child = Command::new(perchd_bin())
         .arg("--config")
         .arg(&cfg)
-        .env("PERCH_LOG", "warn,perch::guest=info")
+        .env(
+            "PERCH_LOG",
+            if std::env::var_os("PERCH_BENCH_VERBOSE").is_some() {
+                "info"
+            } else {
+                "warn,perch::guest=info"
+            },
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut elapsed = None;
+    let verbose = std::env::var_os("PERCH_BENCH_VERBOSE").is_some();
     for line in BufReader::new(stderr).lines() {
-        if line?.contains(" tick ") {
+        let line = line?;
+        if verbose {
+            eprintln!(
+                "    {:>8.2} ms  {}",
+                t.elapsed().as_secs_f64() * 1e3,
+                line.chars().take(140).collect::<String>()
+            );
+        }
+        if line.contains(" tick ") {
             elapsed = Some(t.elapsed());
             break;
         }
@@ -340,6 +356,9 @@ fn bench_cold_start(rows: &mut Vec<Row>, launches: usize) -> Result<()> {
         }
         prune_artifacts(dir.path())?;
         compiled.push(launch_to_first_tick(dir.path())?);
+        // Let one boot finish compiling and store every artifact again before the next
+        // cached launch.
+        Perchd::start(dir.path(), Launch::default())?.stop()?;
         if (i + 1) % 10 == 0 {
             progress(&format!("  {}/{launches}", i + 1));
         }
