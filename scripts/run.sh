@@ -40,7 +40,7 @@ deploy() { # name file query: skipped when the same bytes already run under that
 echo "deploying the examples:"
 deploy timer "$state/examples/timer.wasm" "every=5s&startup=true"
 deploy hello "$state/examples/http-hello.wasm" "http=/hello"
-deploy misbehave "$state/examples/misbehave.wasm" "message=misbehave.>&timeout=500ms&memory=16MiB"
+deploy misbehave "$state/examples/misbehave.wasm" "message=misbehave.%3E&timeout=500ms&memory=16MiB"
 
 cat <<TXT
 
