@@ -63,6 +63,23 @@ impl Running {
     pub fn name(&self) -> &str {
         &self.loaded.spec.name
     }
+
+    /// Drops an invocation's store (killing its instance) and records its memory peak.
+    fn end_instance(&self, store: WtStore<Host>) {
+        let peak = store.data().limiter.memory_peak as u64;
+        drop(store);
+        self.supervisor.instance_ended(peak);
+    }
+}
+
+/// How an invocation ended: its result, or the timeout that cut it short.
+fn classify(result: Result<CallResult, tokio::time::error::Elapsed>, timeout: Duration) -> Outcome {
+    match result {
+        Err(_) => Outcome::Crash(format!("timed out after {}", HumanDuration(timeout))),
+        Ok(Err(e)) => Outcome::Crash(describe_error(&e)),
+        Ok(Ok(Err(msg))) => Outcome::GuestError(msg),
+        Ok(Ok(Ok(()))) => Outcome::Ok,
+    }
 }
 
 /// A component that could not be loaded, kept for status.
@@ -529,18 +546,8 @@ impl Runtime {
             let fut = call_export(&mut store, &r.loaded, &call);
             tokio::time::timeout(r.limits.timeout, fut).await
         };
-        let peak = store.data().limiter.memory_peak as u64;
-        drop(store);
-        r.supervisor.instance_ended(peak);
-        let outcome = match result {
-            Err(_) => Outcome::Crash(format!(
-                "timed out after {}",
-                HumanDuration(r.limits.timeout)
-            )),
-            Ok(Err(e)) => Outcome::Crash(describe_error(&e)),
-            Ok(Ok(Err(msg))) => Outcome::GuestError(msg),
-            Ok(Ok(Ok(()))) => Outcome::Ok,
-        };
+        r.end_instance(store);
+        let outcome = classify(result, r.limits.timeout);
         self.finish(r, &call.describe(), &outcome, started);
         outcome
     }
@@ -670,17 +677,8 @@ impl Runtime {
                 };
                 tokio::time::timeout(run.limits.timeout, fut).await
             };
-            let peak = store.data().limiter.memory_peak as u64;
-            drop(store);
-            run.supervisor.instance_ended(peak);
-            let outcome = match result {
-                Err(_) => Outcome::Crash(format!(
-                    "timed out after {}",
-                    HumanDuration(run.limits.timeout)
-                )),
-                Ok(Err(e)) => Outcome::Crash(describe_error(&e)),
-                Ok(Ok(())) => Outcome::Ok,
-            };
+            run.end_instance(store);
+            let outcome = classify(result.map(|r| r.map(Ok)), run.limits.timeout);
             rt.finish(&run, "http handle", &outcome, started);
             outcome
         });
