@@ -21,6 +21,9 @@ if [[ ! -x "$tools/bin/wasmtime" ]]; then
 fi
 
 cargo build --release -p perch-tests --bin perch-bench
-cargo build --profile firmware -p perchd
-PERCHD_BIN="$CARGO_TARGET_DIR/firmware/perchd" WASMTIME="$tools/bin/wasmtime" \
+# The firmware build (fat LTO, opt-level "s") gets its own target dir so it never
+# invalidates the release artifacts the tests use.
+firmware="${PERCH_FIRMWARE_TARGET:-$HOME/.cache/perch/firmware-target}"
+CARGO_TARGET_DIR="$firmware" cargo build --profile firmware -p perchd
+PERCHD_BIN="$firmware/firmware/perchd" WASMTIME="$tools/bin/wasmtime" \
     "$CARGO_TARGET_DIR/release/perch-bench" "$@"

@@ -218,6 +218,7 @@ impl Agent {
         }
     }
 
+    #[tracing::instrument(name = "agent.deploy", skip_all, fields(component = %name, bytes = bytes.len()))]
     async fn deploy(
         &self,
         name: String,
@@ -270,6 +271,7 @@ impl Agent {
         })))
     }
 
+    #[tracing::instrument(name = "agent.apply", skip_all, fields(revision = ?input.revision))]
     async fn apply(&self, input: DesiredInput) -> Result<Reply, CommandError> {
         let mut current = self.desired.lock().await;
         let revision = match input.revision {
@@ -341,6 +343,7 @@ impl Agent {
         Ok(Reply::Revision(RevisionInfo { revision }))
     }
 
+    #[tracing::instrument(name = "agent.remove", skip(self))]
     async fn remove(&self, name: &str) -> Result<Reply, CommandError> {
         let mut current = self.desired.lock().await;
         let next = current
