@@ -264,6 +264,7 @@ impl Agent {
         let component = self
             .component_status(running.name())
             .ok_or_else(|| not_found(&name))?;
+        crate::memory::trim();
         tracing::info!(component = %name, revision, "component deployed");
         Ok(Reply::Deployed(Box::new(Deployed {
             revision,

@@ -64,6 +64,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     server::init_logging();
+    perchd::memory::limit_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().min(4)))
         .thread_stack_size(512 << 10)
@@ -101,6 +102,7 @@ async fn run(config: perch_core::AgentConfig) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    perchd::memory::trim();
     tracing::info!(%addr, "listening");
     let result = server::serve(agent.clone(), listener, shutdown).await;
     tracing::info!("shutting down");
