@@ -388,7 +388,10 @@ fn bench_idle_rss(rows: &mut Vec<Row>, idle_secs: u64) -> Result<()> {
     let dir = seeded_dir()?;
     let empty = tempfile::tempdir()?;
     // PERCH_BENCH_CONFIG: extra perchd.toml lines for both agents (to compare settings).
-    let launch = Launch { extra_config: std::env::var("PERCH_BENCH_CONFIG").unwrap_or_default(), ..Launch::default() };
+    let launch = Launch {
+        extra_config: std::env::var("PERCH_BENCH_CONFIG").unwrap_or_default(),
+        ..Launch::default()
+    };
     let with = Perchd::start(dir.path(), launch.clone())?;
     let without = Perchd::start(empty.path(), launch)?;
     std::thread::sleep(Duration::from_secs(idle_secs));
