@@ -61,3 +61,38 @@ fn corrupt_blobs_and_artifacts_are_refused_and_reported() -> anyhow::Result<()> 
     })?;
     Ok(())
 }
+
+#[test]
+fn an_unrecoverable_store_is_set_aside_and_the_agent_starts_empty() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut agent = Perchd::start(dir.path(), Launch::default())?;
+    let r = agent.deploy("timer", &examples::bytes(examples::TIMER), "every=1s")?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(agent.stop()?.success());
+
+    // Overwrite sled's log with garbage, as a failed flash write might.
+    let db = dir.path().join("data").join("db");
+    let len = std::fs::metadata(&db)?.len() as usize;
+    std::fs::write(
+        &db,
+        (0..len).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>(),
+    )?;
+
+    let agent = Perchd::start(dir.path(), Launch::default())?;
+    assert_eq!(agent.get("/v1/health")?["status"], "ok");
+    assert_eq!(agent.get("/v1/components")?, serde_json::json!([]));
+    assert!(
+        agent.log().contains("moved it aside and starting empty"),
+        "{}",
+        agent.log()
+    );
+    let aside: Vec<_> = std::fs::read_dir(dir.path())?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("data.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged store is kept for inspection");
+    // And it works: a deploy runs.
+    let r = agent.deploy("timer", &examples::bytes(examples::TIMER), "every=1s")?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    Ok(())
+}

@@ -32,8 +32,25 @@ use perch_store::{SledOptions, SledStore, Store, StoreError};
 pub enum StartError {
     #[error("cannot open the store at {path}: {source}")]
     Store { path: String, source: StoreError },
+    #[error("cannot move the damaged store at {path} aside: {source}")]
+    SetAside {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+}
+
+/// Renames a damaged store directory to `<dir>.damaged-<unix seconds>` and returns the new path.
+fn set_aside(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut name = dir.as_os_str().to_owned();
+    name.push(format!(".damaged-{secs}"));
+    let aside = std::path::PathBuf::from(name);
+    std::fs::rename(dir, &aside)?;
+    Ok(aside)
 }
 
 /// The agent.
@@ -94,14 +111,30 @@ impl Agent {
             cache_capacity: config.store_cache.bytes(),
             ..SledOptions::default()
         };
-        let store: Arc<dyn Store> =
-            Arc::new(SledStore::open(&config.data_dir, &opts).map_err(|source| {
-                StartError::Store {
-                    path: config.data_dir.display().to_string(),
+        let dir = &config.data_dir;
+        let store = match SledStore::open(dir, &opts) {
+            // A store sled cannot recover would stop the agent at every boot. Keep the damaged
+            // files for inspection and start empty: the device comes up, reports itself and
+            // can be redeployed (or re-synced) instead of crash-looping forever.
+            Err(StoreError::Unrecoverable { reason, .. }) => {
+                let aside = set_aside(dir).map_err(|source| StartError::SetAside {
+                    path: dir.display().to_string(),
                     source,
-                }
-            })?);
-        Self::start_with_store(config, store).await
+                })?;
+                tracing::error!(
+                    %reason,
+                    moved_to = %aside.display(),
+                    "the store is damaged beyond recovery; moved it aside and starting empty"
+                );
+                SledStore::open(dir, &opts)
+            }
+            other => other,
+        }
+        .map_err(|source| StartError::Store {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Self::start_with_store(config, Arc::new(store)).await
     }
 
     /// Like [`Self::start`] with an already opened store.
