@@ -131,3 +131,52 @@ fn repeated_crashes_back_off_and_show_crash_looping() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Publishes three looping messages and returns the most live instances seen while they run.
+fn peak_live_instances(agent: &Perchd, name: &str) -> anyhow::Result<u64> {
+    for _ in 0..3 {
+        agent.publish(&format!("{name}.loop"), b"")?;
+    }
+    let mut peak = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = agent.component(name)?;
+        peak = peak.max(c["live-instances"].as_u64().unwrap_or(0));
+        if c["failures"].as_u64() == Some(3) && c["live-instances"] == 0 {
+            return Ok(peak);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three timeouts within 10 s: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_instance_limit_caps_concurrent_invocations() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agent = Perchd::start(
+        dir.path(),
+        Launch {
+            extra_config: "[runtime]\nbackoff-base = \"10ms\"\nbackoff-max = \"10ms\"\n".into(),
+            ..Launch::default()
+        },
+    )?;
+    let wasm = examples::bytes(examples::MISBEHAVE);
+    for (name, instances) in [("one", 1), ("three", 3)] {
+        let q = format!("message={name}.%3E&timeout=400ms&instances={instances}");
+        let r = agent.deploy(name, &wasm, &q)?;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    assert_eq!(
+        peak_live_instances(&agent, "one")?,
+        1,
+        "instances=1 runs one at a time"
+    );
+    assert!(
+        peak_live_instances(&agent, "three")? >= 2,
+        "instances=3 runs them side by side"
+    );
+    Ok(())
+}
