@@ -19,6 +19,16 @@ fn apply_replace_and_remove_through_desired_state_documents() -> anyhow::Result<
     let timer = sha256_of(&agent, &examples::bytes(examples::TIMER))?;
     let noop = sha256_of(&agent, &examples::bytes(examples::NOOP))?;
 
+    // A deploy in between must not collect the blobs uploaded for the coming document.
+    let r = agent.deploy(
+        "other",
+        &examples::bytes(examples::HTTP_HELLO),
+        "http=/other",
+    )?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = agent.deploy("bad", b"not wasm", "every=1s")?;
+    assert_eq!(r.status, 422, "{}", r.body);
+
     // A blob upload with the wrong expected digest is refused.
     let wrong = format!("sha256:{}", "0".repeat(64));
     let r = agent.request(

@@ -194,16 +194,29 @@ impl Agent {
         }
     }
 
+    /// Journals `next` durably and makes it current. Blobs that only the state pushed out of
+    /// the journal's "previous" slot referenced are removed.
     async fn commit(
         &self,
         current: &mut DesiredState,
         next: DesiredState,
     ) -> Result<(), CommandError> {
+        let pushed_out: Vec<Digest> = self
+            .previous_state()
+            .map(|p| p.components.iter().map(|c| c.digest).collect())
+            .unwrap_or_default();
         let doc = serde_json::to_vec(&next).map_err(internal)?;
         self.store.commit_desired(&doc).map_err(store_error)?;
         self.revision.store(next.revision, Ordering::Relaxed);
         *current = next;
+        self.collect_garbage(pushed_out, current);
         Ok(())
+    }
+
+    fn previous_state(&self) -> Option<DesiredState> {
+        let journal = self.store.journal().ok()?;
+        let entry = journal.previous.ok().flatten()?;
+        serde_json::from_slice(&entry.doc).ok()
     }
 
     fn check_spec(&self, desired: &DesiredState) -> Result<(), CommandError> {
@@ -224,29 +237,21 @@ impl Agent {
         }
     }
 
-    /// Removes blobs no longer referenced by the current or previous desired state.
-    fn collect_garbage(&self, current: &DesiredState) {
-        let previous = match self.store.journal() {
-            Ok(j) => j
-                .previous
-                .ok()
-                .flatten()
-                .and_then(|p| serde_json::from_slice::<DesiredState>(&p.doc).ok()),
-            Err(_) => return,
-        };
+    /// Removes those of `candidates` that neither the current nor the previous desired state
+    /// references. Only candidates: blobs uploaded for a desired state not applied yet stay.
+    fn collect_garbage(&self, candidates: Vec<Digest>, current: &DesiredState) {
+        let previous = self.previous_state();
         let keep: std::collections::HashSet<Digest> = current
             .components
             .iter()
             .chain(previous.iter().flat_map(|p| p.components.iter()))
             .map(|c| c.digest)
             .collect();
-        if let Ok(blobs) = self.store.blobs() {
-            for (digest, _) in blobs {
-                if !keep.contains(&digest)
-                    && let Err(e) = self.store.remove_blob(&digest)
-                {
-                    tracing::warn!(%digest, error = %e, "could not remove an unused blob");
-                }
+        for digest in candidates {
+            if !keep.contains(&digest)
+                && let Err(e) = self.store.remove_blob(&digest)
+            {
+                tracing::warn!(%digest, error = %e, "could not remove an unused blob");
             }
         }
     }
@@ -278,6 +283,7 @@ impl Agent {
         let next = current.with_component(spec.clone());
         self.check_spec(&next)?;
         perch_runtime::component::check_header(&name, &bytes).map_err(rejected)?;
+        let existed = self.store.has_blob(&digest).map_err(store_error)?;
         self.store
             .put_blob(&bytes, Some(&digest))
             .map_err(store_error)?;
@@ -285,14 +291,15 @@ impl Agent {
         let loaded = match self.runtime.prepare(spec).await {
             Ok(l) => l,
             Err(e) => {
-                self.collect_garbage(&current);
+                if !existed {
+                    self.collect_garbage(vec![digest], &current);
+                }
                 return Err(rejected(e));
             }
         };
         self.commit(&mut current, next).await?;
         let revision = current.revision;
         let running = self.runtime.activate(loaded);
-        self.collect_garbage(&current);
         drop(current);
         let component = self
             .component_status(running.name())
@@ -372,7 +379,6 @@ impl Agent {
         for l in prepared {
             self.runtime.activate(l);
         }
-        self.collect_garbage(&current);
         tracing::info!(revision, "desired state applied");
         Ok(Reply::Revision(RevisionInfo { revision }))
     }
@@ -385,7 +391,6 @@ impl Agent {
             .ok_or_else(|| not_found(name))?;
         self.commit(&mut current, next).await?;
         self.runtime.remove(name);
-        self.collect_garbage(&current);
         Ok(Reply::Revision(RevisionInfo {
             revision: current.revision,
         }))
