@@ -510,7 +510,16 @@ impl Runtime {
         // Yield to tokio on every epoch tick: a guest spinning in a loop cannot hold a worker
         // thread, and the invocation's timeout can fire and drop the store.
         store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        // `tokio::task::yield_now` rather than wasmtime's plain yield: a plain yield wakes the
+        // task at once, tokio re-polls it from its LIFO slot, and a looping guest starved the
+        // API and other components' tasks on that worker for whole timeouts (seen here:
+        // 400 ms). `yield_now` lets everything else that is ready run first.
+        store.epoch_deadline_callback(|_| {
+            Ok(wasmtime::UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
         store
     }
 
