@@ -127,25 +127,17 @@ impl Hasher for ShaHasher {
     }
 }
 
-/// A stable name for "artifacts this engine can load": wasmtime's version, the target and
-/// every setting that affects compiled code. Precompiled artifacts are keyed by it.
+/// A stable name for "artifacts this engine can load": wasmtime's hash of its version, the
+/// target and every setting that affects compiled code. Precompiled artifacts are keyed by it.
 pub fn engine_fingerprint(engine: &Engine) -> String {
     let mut h = ShaHasher(Sha256::new());
     engine.precompile_compatibility_hash().hash(&mut h);
     let digest = h.0.finalize();
-    format!(
-        "wasmtime-{}-{}",
-        wasmtime_version(),
-        hex_prefix(&digest[..8])
-    )
+    format!("wasmtime-{}", hex_prefix(&digest[..8]))
 }
 
 fn hex_prefix(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn wasmtime_version() -> &'static str {
-    "48.0.8"
 }
 
 /// A thread advancing the engine's epoch; invocation deadlines count its ticks.

@@ -262,30 +262,6 @@ impl Runtime {
         Ok(())
     }
 
-    /// Checks that `bytes` are a component this agent can run, without storing anything:
-    /// header, compile, link, and the exports `triggers` need. Compiles on a blocking thread.
-    pub async fn validate(
-        self: &Arc<Self>,
-        spec: ComponentSpec,
-        bytes: Bytes,
-    ) -> Result<(), LoadError> {
-        let rt = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let name = spec.name.clone();
-            let c = component::compile(&rt.engine, &name, &bytes)?;
-            rt.linker.instantiate_pre(&c).map_err(|e| LoadError::Link {
-                component: name.clone(),
-                message: format!("{e:#}"),
-            })?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| LoadError::Task {
-            component: String::new(),
-            message: e.to_string(),
-        })?
-    }
-
     /// Loads `spec` (from the precompiled cache when possible) on a blocking thread.
     pub async fn prepare(self: &Arc<Self>, spec: ComponentSpec) -> Result<Loaded, LoadError> {
         let rt = self.clone();
