@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::units::{ByteSize, HumanDuration};
+use crate::walk::Walker;
 
 /// Default data directory of the sled store.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/perch";
@@ -167,106 +167,6 @@ impl fmt::Display for ConfigError {
         }
         Ok(())
     }
-}
-
-/// Walks one TOML table, taking known keys and recording problems with their paths.
-struct Walker<'a> {
-    prefix: String,
-    table: toml::Table,
-    problems: &'a mut Vec<ConfigProblem>,
-}
-
-impl<'a> Walker<'a> {
-    fn path(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.prefix)
-        }
-    }
-
-    fn problem(&mut self, key: &str, problem: impl Into<String>) {
-        let key = self.path(key);
-        self.problems.push(ConfigProblem {
-            key,
-            problem: problem.into(),
-        });
-    }
-
-    fn take<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
-        let value = self.table.remove(key)?;
-        match value.try_into::<T>() {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.problem(key, e.message().trim().to_string());
-                None
-            }
-        }
-    }
-
-    fn section(&mut self, key: &str) -> Option<Walker<'_>> {
-        let path = self.path(key);
-        match self.table.remove(key)? {
-            toml::Value::Table(table) => Some(Walker {
-                prefix: path,
-                table,
-                problems: self.problems,
-            }),
-            other => {
-                self.problem(
-                    key,
-                    format!("expected a table `[{path}]`, found {}", other.type_str()),
-                );
-                None
-            }
-        }
-    }
-
-    fn finish(self, known: &[&str]) {
-        let Walker {
-            prefix,
-            table,
-            problems,
-        } = self;
-        for key in table.keys() {
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
-            let hint = closest(key, known)
-                .map(|k| format!("; did you mean `{k}`?"))
-                .unwrap_or_else(|| format!("; known keys here: {}", known.join(", ")));
-            problems.push(ConfigProblem {
-                key: path,
-                problem: format!("unknown key{hint}"),
-            });
-        }
-    }
-}
-
-/// The known key closest to `key` by edit distance, if it is a plausible typo.
-fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
-    known
-        .iter()
-        .map(|k| (edit_distance(key, k), *k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
-        .min()
-        .map(|(_, k)| k)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 impl AgentConfig {

@@ -7,13 +7,16 @@
 pub mod command;
 pub mod config;
 pub mod digest;
+pub mod manifest;
 pub mod spec;
 pub mod units;
+mod walk;
 
 pub use command::{Command, CommandError, CommandHandler, ErrorKind, Reply};
 pub use config::AgentConfig;
 pub use digest::{Digest, DigestError};
-pub use spec::{ComponentSpec, DesiredState, Limits, Trigger};
+pub use manifest::{Manifest, ManifestError};
+pub use spec::{ComponentSpec, DesiredState, Grants, Limits, Trigger};
 pub use units::{ByteSize, HumanDuration};
 
 /// The agent's version, reported by the API.

@@ -3,7 +3,7 @@
 //! A desired state is a revision plus a list of components, each naming its code by digest,
 //! its triggers and optional limits. It is what the agent journals and restores at boot.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -135,7 +135,7 @@ impl Trigger {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         match self {
             Trigger::Every(d) if d.0.as_millis() < 10 => {
                 Err(format!("timer interval `{d}` is below the 10ms minimum"))
@@ -230,6 +230,89 @@ pub struct ComponentSpec {
     /// Resource limits (agent defaults where unset).
     #[serde(default, skip_serializing_if = "is_default_limits")]
     pub limits: Limits,
+    /// What the component may reach, by name. `None` in a submitted document means "what the
+    /// component's manifest grants"; the agent resolves it before journaling, and a value
+    /// given here may only narrow the manifest's grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grants: Option<Grants>,
+    /// Config values the component reads through `perch:device/config`: the manifest's
+    /// defaults overlaid with the values given here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+/// GPIO lines a component may use, by board name. A line granted for `write` may also be read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GpioGrants {
+    /// Lines the component may read.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub read: BTreeSet<String>,
+    /// Lines the component may drive (and read back).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub write: BTreeSet<String>,
+}
+
+impl GpioGrants {
+    /// Whether no line is granted.
+    pub fn is_empty(&self) -> bool {
+        self.read.is_empty() && self.write.is_empty()
+    }
+}
+
+/// Everything a component may reach beyond its own kv namespace, log and the local bus.
+/// Grants are by name and per component; a call outside them is denied, never trapped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Grants {
+    /// GPIO lines by board name.
+    #[serde(default, skip_serializing_if = "GpioGrants::is_empty")]
+    pub gpio: GpioGrants,
+    /// Sensors by board name.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub sensors: BTreeSet<String>,
+    /// Telemetry streams the component may publish to.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub telemetry: BTreeSet<String>,
+    /// Hosts reachable with outgoing HTTP (`host` or `host:port`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub http: BTreeSet<String>,
+}
+
+impl Grants {
+    /// Whether nothing is granted.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether the component may read GPIO line `line`.
+    pub fn gpio_read(&self, line: &str) -> bool {
+        self.gpio.read.contains(line) || self.gpio.write.contains(line)
+    }
+
+    /// Whether the component may drive GPIO line `line`.
+    pub fn gpio_write(&self, line: &str) -> bool {
+        self.gpio.write.contains(line)
+    }
+
+    /// Every grant in `self` that `wider` does not hold, as `kind name` strings (empty when
+    /// `self` only narrows `wider`).
+    pub fn beyond(&self, wider: &Grants) -> Vec<String> {
+        let mut extra = Vec::new();
+        let mut diff = |kind: &str, mine: &BTreeSet<String>, theirs: &dyn Fn(&str) -> bool| {
+            extra.extend(
+                mine.iter()
+                    .filter(|n| !theirs(n))
+                    .map(|n| format!("{kind} `{n}`")),
+            );
+        };
+        diff("gpio.read", &self.gpio.read, &|n| wider.gpio_read(n));
+        diff("gpio.write", &self.gpio.write, &|n| wider.gpio_write(n));
+        diff("sensors", &self.sensors, &|n| wider.sensors.contains(n));
+        diff("telemetry", &self.telemetry, &|n| wider.telemetry.contains(n));
+        diff("http", &self.http, &|n| wider.http.contains(n));
+        extra
+    }
 }
 
 fn is_default_limits(l: &Limits) -> bool {
@@ -370,7 +453,31 @@ mod tests {
             digest: Digest::of(name.as_bytes()),
             triggers,
             limits: Limits::default(),
+            grants: None,
+            config: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn grants_narrow_but_never_widen() {
+        let wide: Grants = toml::from_str(
+            r#"
+            gpio = { read = ["button"], write = ["fan"] }
+            sensors = ["room-temp"]
+            "#,
+        )
+        .expect("grants");
+        assert!(wide.gpio_read("fan") && wide.gpio_write("fan"));
+        assert!(wide.gpio_read("button") && !wide.gpio_write("button"));
+        let narrow: Grants = toml::from_str(r#"gpio = { read = ["fan"] }"#).expect("grants");
+        assert!(narrow.beyond(&wide).is_empty());
+        let wider: Grants =
+            toml::from_str(r#"gpio = { write = ["button"] }
+sensors = ["door"]"#).expect("grants");
+        assert_eq!(
+            wider.beyond(&wide),
+            ["gpio.write `button`", "sensors `door`"]
+        );
     }
 
     #[test]

@@ -279,6 +279,8 @@ impl Agent {
             digest,
             triggers,
             limits,
+            grants: None,
+            config: Default::default(),
         };
         let next = current.with_component(spec.clone());
         self.check_spec(&next)?;

@@ -136,6 +136,8 @@ fn bench_invoke(rows: &mut Vec<Row>) -> Result<()> {
                 Duration::from_secs(3600),
             ))],
             limits: Default::default(),
+            grants: None,
+            config: Default::default(),
         };
         let loaded = runtime.prepare(spec).await?;
         let running = runtime.activate(loaded);
