@@ -61,7 +61,9 @@ pub fn free_port() -> u16 {
 /// How to launch perchd.
 #[derive(Debug, Clone, Default)]
 pub struct Launch {
-    /// Extra TOML appended to the generated config (sections like `[limits]`).
+    /// Extra TOML appended to the generated config (sections like `[limits]`). Unless it
+    /// has its own `[signing]` section, the agent accepts unsigned components: most tests
+    /// deploy the examples as plain components built by cargo.
     pub extra_config: String,
     /// Run in a fresh network namespace with only loopback (requires root).
     pub offline: bool,
@@ -102,8 +104,13 @@ impl Perchd {
         std::fs::write(
             &config,
             format!(
-                "data-dir = \"{}\"\nlisten = \"{addr}\"\n{}",
+                "data-dir = \"{}\"\nlisten = \"{addr}\"\n{}{}",
                 dir.join("data").display(),
+                if launch.extra_config.contains("[signing]") {
+                    ""
+                } else {
+                    "[signing]\nallow-unsigned = true\n"
+                },
                 launch.extra_config
             ),
         )?;

@@ -57,7 +57,13 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/status", get(status))
-        .route("/v1/components", get(list_components))
+        .route(
+            "/v1/components",
+            get(list_components)
+                .post(deploy_unnamed)
+                .put(deploy_unnamed),
+        )
+        .route("/v1/telemetry", get(telemetry))
         .route(
             "/v1/components/{name}",
             get(get_component)
@@ -249,10 +255,50 @@ pub fn parse_deploy_query(
     }
 }
 
+async fn deploy_unnamed(
+    State(s): State<ApiState>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    deploy(s, None, q, body).await
+}
+
 async fn deploy_component(
     State(s): State<ApiState>,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    deploy(s, Some(name), q, body).await
+}
+
+async fn telemetry(
+    State(s): State<ApiState>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut limit = 100;
+    for (k, v) in parse_query(q)? {
+        match k.as_str() {
+            "limit" => {
+                limit = v.parse().map_err(|_| {
+                    bad_request(format!("query `limit`: `{v}` is not a whole number"))
+                })?;
+            }
+            other => {
+                return Err(bad_request(format!(
+                    "unknown query parameter `{other}`: expected `limit`"
+                )));
+            }
+        }
+    }
+    let reply = run(&s, Command::Telemetry { limit }).await?;
+    Ok(axum::Json(reply).into_response())
+}
+
+async fn deploy(
+    s: ApiState,
+    name: Option<String>,
+    q: Option<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let pairs = parse_query(q)?;
@@ -478,7 +524,7 @@ mod tests {
         else {
             panic!("wrong command {:?}", cmds[0]);
         };
-        assert_eq!(name, "timer");
+        assert_eq!(name.as_deref(), Some("timer"));
         assert_eq!(bytes, b"\0asm");
         assert_eq!(triggers.len(), 2);
         assert_eq!(limits.memory.map(|m| m.bytes()), Some(16 << 20));

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::spec::{ComponentSpec, DesiredState, Limits, Trigger};
+use crate::spec::{ComponentSpec, DesiredState, Grants, Limits, Trigger};
 
 /// A request to the agent core.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,9 +22,11 @@ pub enum Command {
     ListComponents,
     /// One component.
     GetComponent { name: String },
-    /// Store a component's bytes and run it under `name`, replacing any component of that name.
+    /// Store a component's bytes and run it under `name` (the embedded manifest's name when
+    /// `None`), replacing any component of that name. Triggers and limits given here override
+    /// the manifest's.
     DeployComponent {
-        name: String,
+        name: Option<String>,
         bytes: Vec<u8>,
         expected_digest: Option<Digest>,
         triggers: Vec<Trigger>,
@@ -47,6 +49,8 @@ pub enum Command {
     Metrics,
     /// Publish on the local message bus.
     Publish { subject: String, payload: Vec<u8> },
+    /// The newest telemetry records held in the outbox.
+    Telemetry { limit: usize },
 }
 
 /// A desired-state document as submitted: the revision is optional (next one if absent).
@@ -76,6 +80,23 @@ pub enum Reply {
     Logs(Vec<LogLine>),
     Metrics(String),
     Published(Published),
+    Telemetry(Vec<TelemetryRecord>),
+}
+
+/// A telemetry record from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TelemetryRecord {
+    /// Sequence number on this device.
+    pub seq: u64,
+    /// Publishing component.
+    pub component: String,
+    /// Stream name.
+    pub stream: String,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The payload, as text when it is UTF-8.
+    pub payload: String,
 }
 
 /// Liveness reply.
@@ -152,6 +173,15 @@ pub struct ComponentStatus {
     pub loaded_from: String,
     /// Time spent loading, in microseconds.
     pub load_us: u64,
+    /// What the component may reach by name.
+    #[serde(default, skip_serializing_if = "Grants::is_empty")]
+    pub grants: Grants,
+    /// Calls denied for lack of a grant.
+    #[serde(default)]
+    pub denied: u64,
+    /// The key that signed the component (`None` for unsigned, development deploys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// Agent status.

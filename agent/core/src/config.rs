@@ -81,6 +81,30 @@ pub struct DefaultLimits {
     pub instances: u32,
 }
 
+/// Which component signatures the agent accepts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SigningConfig {
+    /// Public keys (`ed25519:<base64>`, as `perch key show` prints them) whose signatures
+    /// are accepted.
+    pub trusted_keys: Vec<String>,
+    /// Public keys whose signatures are refused, even when also trusted.
+    pub revoked_keys: Vec<String>,
+    /// Accept components without a signature. For development only.
+    pub allow_unsigned: bool,
+}
+
+/// Whether `key` looks like `ed25519:` followed by 32 bytes in standard base64.
+pub fn is_public_key_text(key: &str) -> bool {
+    key.strip_prefix("ed25519:").is_some_and(|b| {
+        b.len() == 44
+            && b.ends_with('=')
+            && b[..43]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
+    })
+}
+
 /// The validated agent config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -97,6 +121,8 @@ pub struct AgentConfig {
     pub limits: DefaultLimits,
     /// Runtime tuning.
     pub runtime: RuntimeConfig,
+    /// Which signatures are accepted.
+    pub signing: SigningConfig,
 }
 
 impl Default for AgentConfig {
@@ -121,6 +147,7 @@ impl Default for AgentConfig {
                 backoff_max: DEFAULT_BACKOFF_MAX,
                 log_lines: DEFAULT_LOG_LINES,
             },
+            signing: SigningConfig::default(),
         }
     }
 }
@@ -286,6 +313,30 @@ impl AgentConfig {
                 "log-lines",
             ]);
         }
+        if let Some(mut signing) = root.section("signing") {
+            for (key, slot) in [
+                ("trusted-keys", &mut cfg.signing.trusted_keys),
+                ("revoked-keys", &mut cfg.signing.revoked_keys),
+            ] {
+                if let Some(keys) = signing.take::<Vec<String>>(key) {
+                    for (i, k) in keys.iter().enumerate() {
+                        if !is_public_key_text(k) {
+                            signing.problem(
+                                &format!("{key}[{i}]"),
+                                format!(
+                                    "`{k}` is not a public key: write `ed25519:` and 44 base64 characters, as `perch key show` prints it"
+                                ),
+                            );
+                        }
+                    }
+                    *slot = keys;
+                }
+            }
+            if let Some(allow) = signing.take::<bool>("allow-unsigned") {
+                cfg.signing.allow_unsigned = allow;
+            }
+            signing.finish(&["trusted-keys", "revoked-keys", "allow-unsigned"]);
+        }
         root.finish(&[
             "data-dir",
             "listen",
@@ -293,6 +344,7 @@ impl AgentConfig {
             "store-cache",
             "limits",
             "runtime",
+            "signing",
         ]);
 
         if cfg.runtime.backoff_base > cfg.runtime.backoff_max {
@@ -384,6 +436,32 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("limits.memory: `16` is not a size"), "{text}");
+    }
+
+    #[test]
+    fn signing_keys_are_checked() {
+        let good = "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+        let cfg = AgentConfig::from_toml(
+            &format!("[signing]\ntrusted-keys = [\"{good}\"]\n"),
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(cfg.signing.trusted_keys, [good]);
+        assert!(!cfg.signing.allow_unsigned);
+        let err = AgentConfig::from_toml(
+            "[signing]\nrevoked-keys = [\"abc\"]\nallow-unsigend = true\n",
+            "t",
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        assert!(
+            text.contains("signing.revoked-keys[0]: `abc` is not a public key"),
+            "{text}"
+        );
+        assert!(
+            text.contains("signing.allow-unsigend: unknown key; did you mean `allow-unsigned`?"),
+            "{text}"
+        );
     }
 
     #[test]

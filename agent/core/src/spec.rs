@@ -225,7 +225,9 @@ pub struct ComponentSpec {
     pub name: String,
     /// sha256 of the component's bytes.
     pub digest: Digest,
-    /// How it is invoked.
+    /// How it is invoked. May be left empty in a submitted document when the component's
+    /// manifest lists its triggers.
+    #[serde(default)]
     pub triggers: Vec<Trigger>,
     /// Resource limits (agent defaults where unset).
     #[serde(default, skip_serializing_if = "is_default_limits")]
@@ -239,6 +241,10 @@ pub struct ComponentSpec {
     /// defaults overlaid with the values given here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// The public key that signed the component's artifact, recorded by the agent when it
+    /// verified the signature (`None` for an unsigned development deploy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// GPIO lines a component may use, by board name. A line granted for `write` may also be read.
@@ -455,6 +461,7 @@ mod tests {
             limits: Limits::default(),
             grants: None,
             config: BTreeMap::new(),
+            signer: None,
         }
     }
 

@@ -15,14 +15,15 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use perch_api::{ApiError, HttpGateway};
+use perch_artifact::{PublicKey, TrustPolicy};
 use perch_core::command::{
     AgentStatus, BlobInfo, BoxFuture, ComponentStatus, Deployed, DesiredInput, Health, LogLine,
-    Published, RevisionInfo,
+    Published, RevisionInfo, TelemetryRecord,
 };
 use perch_core::spec::Limits;
 use perch_core::{
     AgentConfig, Command, CommandError, CommandHandler, ComponentSpec, DesiredState, Digest,
-    ErrorKind, Reply, Trigger,
+    ErrorKind, Grants, Manifest, Reply, Trigger,
 };
 use perch_runtime::{HttpError, LoadError, Loaded, Runtime, RuntimeError};
 use perch_store::{SledOptions, SledStore, Store, StoreError};
@@ -39,6 +40,61 @@ pub enum StartError {
     },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("[signing] in the agent's config: {0}")]
+    Signing(String),
+}
+
+/// The trust policy the config describes.
+pub fn trust_policy(config: &AgentConfig) -> Result<TrustPolicy, String> {
+    let parse = |keys: &[String]| -> Result<Vec<PublicKey>, String> {
+        keys.iter().map(|k| k.parse::<PublicKey>()).collect()
+    };
+    Ok(TrustPolicy {
+        trusted: parse(&config.signing.trusted_keys)?,
+        revoked: parse(&config.signing.revoked_keys)?,
+        allow_unsigned: config.signing.allow_unsigned,
+    })
+}
+
+/// Fills what `spec` leaves to the component's manifest (triggers, limits, grants, config)
+/// and checks that explicit grants only narrow the manifest's.
+fn apply_manifest(spec: &mut ComponentSpec, manifest: Option<&Manifest>) -> Result<(), String> {
+    let Some(m) = manifest else {
+        // Without a manifest nothing vouches for any grant.
+        match &spec.grants {
+            Some(g) if !g.is_empty() => {
+                return Err(format!(
+                    "component `{}` has no embedded manifest, so it cannot be granted anything: build it with `perch build`",
+                    spec.name
+                ));
+            }
+            _ => spec.grants = Some(Grants::default()),
+        }
+        return Ok(());
+    };
+    if spec.triggers.is_empty() {
+        spec.triggers = m.triggers.clone();
+    }
+    spec.limits.memory = spec.limits.memory.or(m.limits.memory);
+    spec.limits.timeout = spec.limits.timeout.or(m.limits.timeout);
+    spec.limits.instances = spec.limits.instances.or(m.limits.instances);
+    match &spec.grants {
+        None => spec.grants = Some(m.grants.clone()),
+        Some(g) => {
+            let extra = g.beyond(&m.grants);
+            if !extra.is_empty() {
+                return Err(format!(
+                    "component `{}`: grants may only narrow what its manifest grants; not in the manifest: {}",
+                    spec.name,
+                    extra.join(", ")
+                ));
+            }
+        }
+    }
+    let mut config = m.config.clone();
+    config.extend(std::mem::take(&mut spec.config));
+    spec.config = config;
+    Ok(())
 }
 
 /// Renames a damaged store directory to `<dir>.damaged-<unix seconds>` and returns the new path.
@@ -56,6 +112,7 @@ fn set_aside(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
 /// The agent.
 pub struct Agent {
     config: AgentConfig,
+    trust: TrustPolicy,
     store: Arc<dyn Store>,
     runtime: Arc<Runtime>,
     desired: tokio::sync::Mutex<DesiredState>,
@@ -142,6 +199,10 @@ impl Agent {
         config: AgentConfig,
         store: Arc<dyn Store>,
     ) -> Result<Arc<Self>, StartError> {
+        let trust = trust_policy(&config).map_err(StartError::Signing)?;
+        if trust.allow_unsigned {
+            tracing::warn!("unsigned components are accepted (`allow-unsigned` in [signing]): for development only");
+        }
         let runtime = Runtime::new(config.clone(), store.clone())?;
         // Artifacts compiled by another engine (an agent upgrade) can never load again.
         match store.prune_artifacts(runtime.fingerprint()) {
@@ -155,6 +216,7 @@ impl Agent {
         let desired = restore_desired(store.as_ref());
         let agent = Arc::new(Self {
             config,
+            trust,
             store,
             runtime,
             revision: AtomicU64::new(desired.revision),
@@ -226,6 +288,9 @@ impl Agent {
             if let Err(p) = self.runtime.check_limits(c) {
                 problems.push(p);
             }
+            if let Err(p) = self.runtime.check_grants(c) {
+                problems.extend(p);
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -256,10 +321,24 @@ impl Agent {
         }
     }
 
-    #[tracing::instrument(name = "agent.deploy", skip_all, fields(component = %name, bytes = bytes.len()))]
+    /// Checks an artifact's signature against the trust policy and reads its manifest.
+    fn open_artifact(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(Option<PublicKey>, Option<Manifest>), CommandError> {
+        perch_runtime::component::check_header(name, bytes).map_err(rejected)?;
+        let signer = perch_artifact::verify(bytes, &self.trust)
+            .map_err(|e| rejected(format!("component `{name}` refused: {e}")))?;
+        let manifest = perch_artifact::manifest(bytes)
+            .map_err(|e| rejected(format!("component `{name}`: {e}")))?;
+        Ok((signer, manifest))
+    }
+
+    #[tracing::instrument(name = "agent.deploy", skip_all, fields(component = ?name, bytes = bytes.len()))]
     async fn deploy(
         &self,
-        name: String,
+        name: Option<String>,
         bytes: Vec<u8>,
         expected: Option<Digest>,
         triggers: Vec<Trigger>,
@@ -267,24 +346,37 @@ impl Agent {
     ) -> Result<Reply, CommandError> {
         let mut current = self.desired.lock().await;
         let digest = Digest::of(&bytes);
+        let shown = name.clone().unwrap_or_else(|| "(unnamed)".into());
         if let Some(expected) = expected
             && expected != digest
         {
             return Err(rejected(format!(
-                "digest mismatch for component `{name}`: expected {expected}, but the uploaded bytes hash to {digest}"
+                "digest mismatch for component `{shown}`: expected {expected}, but the uploaded bytes hash to {digest}"
             )));
         }
-        let spec = ComponentSpec {
+        let (signer, manifest) = self.open_artifact(&shown, &bytes)?;
+        let name = match (name, &manifest) {
+            (Some(n), _) => n,
+            (None, Some(m)) => m.name.clone(),
+            (None, None) => {
+                return Err(CommandError::new(
+                    ErrorKind::BadRequest,
+                    "the component has no embedded manifest to take its name from: deploy it with PUT /v1/components/{name}",
+                ));
+            }
+        };
+        let mut spec = ComponentSpec {
             name: name.clone(),
             digest,
             triggers,
             limits,
             grants: None,
             config: Default::default(),
+            signer: signer.map(|k| k.to_string()),
         };
+        apply_manifest(&mut spec, manifest.as_ref()).map_err(rejected)?;
         let next = current.with_component(spec.clone());
         self.check_spec(&next)?;
-        perch_runtime::component::check_header(&name, &bytes).map_err(rejected)?;
         let existed = self.store.has_blob(&digest).map_err(store_error)?;
         self.store
             .put_blob(&bytes, Some(&digest))
@@ -330,19 +422,48 @@ impl Agent {
             Some(r) => r,
             None => current.revision + 1,
         };
+        let mut missing = Vec::new();
+        let mut refused = Vec::new();
+        let mut components = Vec::with_capacity(input.components.len());
+        for mut c in input.components {
+            let bytes = match self.store.get_blob(&c.digest) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => {
+                    missing.push(format!(
+                        "component `{}`: blob {} is not in the cache; upload it with PUT /v1/blobs",
+                        c.name, c.digest
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    refused.push(format!("component `{}`: {e}", c.name));
+                    continue;
+                }
+            };
+            match self.open_artifact(&c.name, &bytes) {
+                Ok((signer, manifest)) => {
+                    c.signer = signer.map(|k| k.to_string());
+                    if let Err(e) = apply_manifest(&mut c, manifest.as_ref()) {
+                        refused.push(e);
+                    }
+                }
+                Err(e) => refused.push(e.message),
+            }
+            components.push(c);
+        }
+        if !refused.is_empty() {
+            return Err(CommandError::new(
+                ErrorKind::Rejected,
+                "some components of the desired state are refused",
+            )
+            .with_details(refused));
+        }
         let next = DesiredState {
             revision,
-            components: input.components,
+            components,
         };
-        self.check_spec(&next)?;
-        let mut missing = Vec::new();
-        for c in &next.components {
-            if !self.store.has_blob(&c.digest).map_err(store_error)? {
-                missing.push(format!(
-                    "component `{}`: blob {} is not in the cache; upload it with PUT /v1/blobs",
-                    c.name, c.digest
-                ));
-            }
+        if missing.is_empty() {
+            self.check_spec(&next)?;
         }
         if !missing.is_empty() {
             return Err(CommandError::new(
@@ -503,6 +624,12 @@ impl Agent {
             per(&|c| c.skipped),
         );
         gauge(
+            "perch_component_denied_total",
+            "Calls denied because the component has no grant for the resource.",
+            "counter",
+            per(&|c| c.denied),
+        );
+        gauge(
             "perch_component_memory_peak_bytes",
             "Largest linear memory of any instance.",
             "gauge",
@@ -615,6 +742,22 @@ impl CommandHandler for Agent {
                 Command::RemoveComponent { name } => self.remove(&name).await,
                 Command::Logs { name, limit } => self.logs(&name, limit).map(Reply::Logs),
                 Command::Metrics => Ok(Reply::Metrics(self.metrics())),
+                Command::Telemetry { limit } => {
+                    let records = self
+                        .store
+                        .outbox_recent(limit)
+                        .map_err(store_error)?
+                        .into_iter()
+                        .map(|(seq, r)| TelemetryRecord {
+                            seq,
+                            component: r.component,
+                            stream: r.stream,
+                            timestamp_ms: r.timestamp_ms,
+                            payload: String::from_utf8_lossy(&r.payload).into_owned(),
+                        })
+                        .collect();
+                    Ok(Reply::Telemetry(records))
+                }
                 Command::Publish { subject, payload } => {
                     let delivered = self.runtime.publish(&subject, Bytes::from(payload));
                     Ok(Reply::Published(Published { delivered }))

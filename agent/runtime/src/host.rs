@@ -3,8 +3,10 @@
 //! Every invocation gets a fresh `wasmtime::Store<Host>`; what must outlive it (key-value
 //! data, logs, counters) lives behind the shared [`ComponentCtx`].
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
@@ -13,8 +15,11 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use perch_core::Grants;
 use perch_core::command::LogLevel;
+use perch_store::OutboxRecord;
 
+use crate::board::Board;
 use crate::bus::Bus;
 use crate::supervisor::ComponentLog;
 
@@ -44,6 +49,25 @@ pub struct ComponentCtx {
     pub bus: Arc<Bus>,
     /// Where the component's log lines go.
     pub log: Arc<ComponentLog>,
+    /// What the component may reach by name.
+    pub grants: Grants,
+    /// Config values for `perch:device/config`.
+    pub config: BTreeMap<String, String>,
+    /// The board's hardware.
+    pub board: Arc<dyn Board>,
+    /// Calls denied for lack of a grant.
+    pub denied: AtomicU64,
+}
+
+impl ComponentCtx {
+    /// Records a denied call (component log, agent log, counter) and returns the guest error.
+    fn deny(&self, interface: &str, what: String) -> GuestError {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(component = %self.name, interface, resource = %what, "call denied: no grant");
+        let message = format!("{interface}: {what} is not granted to `{}`", self.name);
+        self.log.push(LogLevel::Warn, "agent", format!("denied {message}"));
+        GuestError::Denied(message)
+    }
 }
 
 impl std::fmt::Debug for ComponentCtx {
@@ -260,6 +284,76 @@ fn check_key(key: &str) -> Result<(), GuestError> {
         )));
     }
     Ok(())
+}
+
+impl perch::device::config::Host for Host {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.ctx.config.get(&key).cloned()
+    }
+
+    fn get_all(&mut self) -> Vec<(String, String)> {
+        self.ctx
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+impl perch::device::gpio::Host for Host {
+    fn read(&mut self, line: String) -> Result<bool, GuestError> {
+        if !self.ctx.grants.gpio_read(&line) {
+            return Err(self.ctx.deny("gpio.read", format!("line `{line}`")));
+        }
+        self.ctx.board.gpio_read(&line).map_err(io_error)
+    }
+
+    fn write(&mut self, line: String, value: bool) -> Result<(), GuestError> {
+        if !self.ctx.grants.gpio_write(&line) {
+            return Err(self.ctx.deny("gpio.write", format!("line `{line}`")));
+        }
+        self.ctx.board.gpio_write(&line, value).map_err(io_error)
+    }
+}
+
+impl perch::device::sensors::Host for Host {
+    fn read(
+        &mut self,
+        sensor: String,
+    ) -> Result<perch::device::sensors::Reading, GuestError> {
+        if !self.ctx.grants.sensors.contains(&sensor) {
+            return Err(self.ctx.deny("sensors.read", format!("sensor `{sensor}`")));
+        }
+        let r = self.ctx.board.sensor_read(&sensor).map_err(io_error)?;
+        Ok(perch::device::sensors::Reading {
+            value: r.value,
+            unit: r.unit.to_string(),
+            timestamp_ms: r.timestamp_ms,
+        })
+    }
+}
+
+impl perch::device::telemetry::Host for Host {
+    fn publish(&mut self, stream: String, payload: Vec<u8>) -> Result<u64, GuestError> {
+        if !self.ctx.grants.telemetry.contains(&stream) {
+            return Err(self.ctx.deny("telemetry.publish", format!("stream `{stream}`")));
+        }
+        if payload.len() > MAX_MESSAGE {
+            return Err(GuestError::Invalid(format!(
+                "payload is {} bytes; the limit is {MAX_MESSAGE}",
+                payload.len()
+            )));
+        }
+        let record = OutboxRecord {
+            component: self.ctx.name.clone(),
+            stream,
+            timestamp_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            payload,
+        };
+        self.ctx.store.outbox_append(&record).map_err(io_error)
+    }
 }
 
 impl perch::device::messaging::Host for Host {

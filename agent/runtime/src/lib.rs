@@ -6,6 +6,7 @@
 //! startup, HTTP routes) and per-component supervision (limits, crash-loop backoff, logs).
 //! It must not depend on the sync layer or the API: those talk to the agent through commands.
 
+pub mod board;
 pub mod bus;
 pub mod component;
 pub mod engine;

@@ -19,6 +19,7 @@ use perch_core::spec::Limits;
 use perch_core::{AgentConfig, ByteSize, ComponentSpec, HumanDuration, Trigger};
 use perch_store::Store;
 
+use crate::board::{self, Board};
 use crate::bus::Bus;
 use crate::component::{self, LoadError, Loaded};
 use crate::engine::{self, AllocatorKind, EngineError, EpochTicker};
@@ -150,6 +151,7 @@ pub struct Runtime {
     fingerprint: String,
     store: Arc<dyn Store>,
     bus: Arc<Bus>,
+    board: Arc<dyn Board>,
     config: AgentConfig,
     running: RwLock<BTreeMap<String, Arc<Running>>>,
     failed: RwLock<BTreeMap<String, Failed>>,
@@ -211,6 +213,7 @@ impl Runtime {
             fingerprint,
             store,
             bus: Bus::new(),
+            board: Arc::from(board::for_name(&config.board)),
             config,
             running: RwLock::new(BTreeMap::new()),
             failed: RwLock::new(BTreeMap::new()),
@@ -236,6 +239,53 @@ impl Runtime {
     /// The local message bus.
     pub fn bus(&self) -> &Arc<Bus> {
         &self.bus
+    }
+
+    /// The board's hardware.
+    pub fn board(&self) -> &Arc<dyn Board> {
+        &self.board
+    }
+
+    /// Checks that every GPIO line and sensor granted to `spec` exists on this board.
+    pub fn check_grants(&self, spec: &ComponentSpec) -> Result<(), Vec<String>> {
+        let Some(grants) = &spec.grants else {
+            return Ok(());
+        };
+        let lines = self.board.gpio_lines();
+        let sensors = self.board.sensors();
+        let list = |names: &[String]| {
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
+        let mut problems = Vec::new();
+        for line in grants.gpio.read.iter().chain(&grants.gpio.write) {
+            if !lines.contains(line) {
+                problems.push(format!(
+                    "component `{}` is granted GPIO line `{line}`, which board `{}` does not have (its lines: {})",
+                    spec.name,
+                    self.board.name(),
+                    list(&lines)
+                ));
+            }
+        }
+        for sensor in &grants.sensors {
+            if !sensors.contains(sensor) {
+                problems.push(format!(
+                    "component `{}` is granted sensor `{sensor}`, which board `{}` does not have (its sensors: {})",
+                    spec.name,
+                    self.board.name(),
+                    list(&sensors)
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 
     /// Limits of `spec` with the agent's defaults filled in.
@@ -296,6 +346,10 @@ impl Runtime {
             store: self.store.clone(),
             bus: self.bus.clone(),
             log,
+            grants: loaded.spec.grants.clone().unwrap_or_default(),
+            config: loaded.spec.config.clone(),
+            board: self.board.clone(),
+            denied: std::sync::atomic::AtomicU64::new(0),
         });
         let running = Arc::new(Running {
             permits: Arc::new(Semaphore::new(limits.instances as usize)),
@@ -709,6 +763,9 @@ impl Runtime {
                 live_instances: 0,
                 loaded_from: String::new(),
                 load_us: 0,
+                grants: f.spec.grants.clone().unwrap_or_default(),
+                denied: 0,
+                signer: f.spec.signer.clone(),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -732,6 +789,9 @@ impl Runtime {
             live_instances: s.live_instances,
             loaded_from: r.loaded.source.as_str().to_string(),
             load_us: r.loaded.load_us,
+            grants: r.ctx.grants.clone(),
+            denied: r.ctx.denied.load(std::sync::atomic::Ordering::Relaxed),
+            signer: r.loaded.spec.signer.clone(),
         }
     }
 

@@ -102,11 +102,67 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// while no instance of that component runs.
     fn kv_drop(&self, ns: &str) -> Result<(), StoreError>;
 
+    /// Appends a telemetry record to the outbox and returns its sequence number (1, 2, ...
+    /// over the life of the store). Durable when this returns.
+    fn outbox_append(&self, record: &OutboxRecord) -> Result<u64, StoreError>;
+
+    /// The newest `limit` outbox records, oldest first.
+    fn outbox_recent(&self, limit: usize) -> Result<Vec<(u64, OutboxRecord)>, StoreError>;
+
+    /// How many records the outbox holds.
+    fn outbox_len(&self) -> Result<u64, StoreError>;
+
     /// Makes everything written so far durable.
     fn sync(&self) -> Result<(), StoreError>;
 
     /// Space the store takes on disk, in bytes (allocated blocks, not logical size).
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// One telemetry record waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// The component that published it.
+    pub component: String,
+    /// The telemetry stream.
+    pub stream: String,
+    /// When it was published, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The payload as published.
+    pub payload: Vec<u8>,
+}
+
+impl OutboxRecord {
+    /// Frame: u16 length + component, u16 length + stream, u64 timestamp, payload.
+    fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(12 + self.component.len() + self.stream.len() + self.payload.len());
+        for s in [&self.component, &self.stream] {
+            out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    fn decode(mut bytes: &[u8]) -> Option<Self> {
+        let mut text = || -> Option<String> {
+            let len = u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?) as usize;
+            let s = String::from_utf8(bytes.get(2..2 + len)?.to_vec()).ok()?;
+            bytes = &bytes[2 + len..];
+            Some(s)
+        };
+        let component = text()?;
+        let stream = text()?;
+        let timestamp_ms = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        Some(Self {
+            component,
+            stream,
+            timestamp_ms,
+            payload: bytes[8..].to_vec(),
+        })
+    }
 }
 
 /// One committed desired-state document.
@@ -188,6 +244,19 @@ mod tests {
             previous: Ok(None),
         };
         assert_eq!(empty.latest_good(), None);
+    }
+
+    #[test]
+    fn outbox_records_round_trip() {
+        let r = OutboxRecord {
+            component: "thermostat".into(),
+            stream: "climate".into(),
+            timestamp_ms: 1_700_000_000_123,
+            payload: b"{\"t\":21.5}".to_vec(),
+        };
+        assert_eq!(OutboxRecord::decode(&r.encode()), Some(r.clone()));
+        let frame = r.encode();
+        assert_eq!(OutboxRecord::decode(&frame[..5]), None);
     }
 
     #[test]

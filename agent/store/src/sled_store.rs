@@ -25,7 +25,16 @@ use crate::durable::{BlobFiles, sync_dir, sync_file};
 use crate::error::{io_err, sled_err, tx_err};
 use crate::frame;
 use crate::objects::{self, Header, ReadError};
-use crate::{Journal, JournalEntry, Store, StoreError};
+use crate::{Journal, JournalEntry, OutboxRecord, Store, StoreError};
+
+fn outbox_seq(key: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: "an outbox key".into(),
+            detail: format!("it is {} bytes, not 8", key.len()),
+        })
+}
 
 /// sled's page cache size unless configured. sled's own default (1 GiB) is sized for
 /// servers. sled's accounting is loose, so this is not an RSS bound: measured here with
@@ -47,6 +56,7 @@ const CHUNKS: &str = "perch/chunks";
 const ARTIFACTS: &str = "perch/artifacts";
 const JOURNAL: &str = "perch/journal";
 const META: &str = "perch/meta";
+const OUTBOX: &str = "perch/outbox";
 const KV_PREFIX: &str = "kv/";
 
 const CURRENT: &[u8] = b"current";
@@ -96,6 +106,9 @@ pub struct SledStore {
     artifacts: Tree,
     chunks: Tree,
     journal: Tree,
+    outbox: Tree,
+    /// Serializes outbox appends so sequence numbers are handed out in order.
+    outbox_lock: std::sync::Mutex<()>,
     blob_files: BlobFiles,
 }
 
@@ -149,6 +162,8 @@ impl SledStore {
             chunks: open_tree(CHUNKS)?,
             artifacts: open_tree(ARTIFACTS)?,
             journal: open_tree(JOURNAL)?,
+            outbox: open_tree(OUTBOX)?,
+            outbox_lock: std::sync::Mutex::new(()),
             blob_files: BlobFiles::default(),
             options: options.clone(),
             path,
@@ -867,6 +882,58 @@ impl Store for SledStore {
                 sync_file(&self.path.join(SLED_DB_FILE))
             },
         )
+    }
+
+    #[instrument(name = "store.outbox_append", level = "debug", skip_all, fields(stream = %record.stream), err)]
+    fn outbox_append(&self, record: &OutboxRecord) -> Result<u64, StoreError> {
+        let seq = self.guarded(
+            || format!("appending to the outbox stream `{}`", record.stream),
+            || {
+                let _order = self
+                    .outbox_lock
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let last = self
+                    .outbox
+                    .last()
+                    .map_err(sled_err(|| "reading the outbox".to_string()))?;
+                let seq = match last {
+                    Some((key, _)) => outbox_seq(&key)? + 1,
+                    None => 1,
+                };
+                self.outbox
+                    .insert(seq.to_be_bytes(), record.encode())
+                    .map_err(sled_err(|| "appending to the outbox".to_string()))?;
+                Ok(seq)
+            },
+        )?;
+        // Acknowledged records must survive a power cut.
+        self.sync()?;
+        Ok(seq)
+    }
+
+    fn outbox_recent(&self, limit: usize) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        self.guarded(
+            || "reading the outbox".to_string(),
+            || {
+                let mut out = Vec::new();
+                for item in self.outbox.iter().rev().take(limit) {
+                    let (key, value) = item.map_err(sled_err(|| "reading the outbox".to_string()))?;
+                    let seq = outbox_seq(&key)?;
+                    let record = OutboxRecord::decode(&value).ok_or_else(|| StoreError::Corrupt {
+                        what: format!("outbox record {seq}"),
+                        detail: "its frame does not decode".into(),
+                    })?;
+                    out.push((seq, record));
+                }
+                out.reverse();
+                Ok(out)
+            },
+        )
+    }
+
+    fn outbox_len(&self) -> Result<u64, StoreError> {
+        Ok(self.outbox.len() as u64)
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {

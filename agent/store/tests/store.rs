@@ -501,3 +501,26 @@ fn a_damaged_sled_log_is_an_error_or_an_older_whole_journal_never_a_panic() -> T
     println!("{}", outcomes.join("\n"));
     Ok(())
 }
+
+#[test]
+fn outbox_sequences_continue_across_reopen() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let record = |n: u8| perch_store::OutboxRecord {
+        component: "thermostat".into(),
+        stream: "climate".into(),
+        timestamp_ms: 1_000 + u64::from(n),
+        payload: vec![n; usize::from(n)],
+    };
+    {
+        let store = open(dir.path())?;
+        assert_eq!(store.outbox_append(&record(1))?, 1);
+        assert_eq!(store.outbox_append(&record(2))?, 2);
+        // No explicit sync: an append is durable on its own.
+    }
+    let store = open(dir.path())?;
+    assert_eq!(store.outbox_len()?, 2);
+    assert_eq!(store.outbox_append(&record(3))?, 3);
+    let recent = store.outbox_recent(2)?;
+    assert_eq!(recent, vec![(2, record(2)), (3, record(3))]);
+    Ok(())
+}

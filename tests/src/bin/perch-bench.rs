@@ -138,6 +138,7 @@ fn bench_invoke(rows: &mut Vec<Row>) -> Result<()> {
             limits: Default::default(),
             grants: None,
             config: Default::default(),
+            signer: None,
         };
         let loaded = runtime.prepare(spec).await?;
         let running = runtime.activate(loaded);
@@ -451,6 +452,10 @@ fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
             store: store.clone(),
             bus: perch_runtime::bus::Bus::new(),
             log: Arc::new(ComponentLog::new("noop", 10)),
+            grants: Default::default(),
+            config: Default::default(),
+            board: Arc::from(perch_runtime::board::for_name("sim")),
+            denied: Default::default(),
         });
         let rss0 = status_kib(&me, "VmRSS:");
         let mut live = Vec::with_capacity(n as usize);

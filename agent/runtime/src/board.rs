@@ -1,0 +1,298 @@
+//! The hardware a component can be granted: named GPIO lines and sensors, behind the
+//! [`Board`] trait.
+//!
+//! The `sim` board simulates a small climate gateway so that components run the same way
+//! on a laptop as on a device: a `room-temp` sensor that follows a daily curve and cools
+//! down while the `fan` line is driven high, `humidity`, an output `led` and an input
+//! `button`. Real backends (Linux GPIO character devices, IIO, hwmon, 1-Wire, I2C) plug in
+//! behind the same trait.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// Why a hardware call failed. Shown to the component as an `io` error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HwError {
+    /// The board has no such line or sensor.
+    #[error("board `{board}` has no {kind} named `{name}`")]
+    Unknown {
+        board: String,
+        kind: &'static str,
+        name: String,
+    },
+    /// The line cannot be driven.
+    #[error("GPIO line `{0}` is an input and cannot be driven")]
+    InputOnly(String),
+    /// The device did not answer.
+    #[error("{0}")]
+    Device(String),
+}
+
+/// One sensor measurement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// The value in `unit`.
+    pub value: f64,
+    /// Unit symbol.
+    pub unit: &'static str,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+}
+
+/// A board: the named hardware a component may be granted.
+pub trait Board: Send + Sync + std::fmt::Debug {
+    /// The board's name (`sim`, `raspberry-pi-4`, ...).
+    fn name(&self) -> &str;
+    /// Names of the GPIO lines.
+    fn gpio_lines(&self) -> Vec<String>;
+    /// Names of the sensors.
+    fn sensors(&self) -> Vec<String>;
+    /// Reads a line's logical level.
+    fn gpio_read(&self, line: &str) -> Result<bool, HwError>;
+    /// Drives an output line.
+    fn gpio_write(&self, line: &str, value: bool) -> Result<(), HwError>;
+    /// Takes one reading.
+    fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError>;
+}
+
+/// The board for `name`: the simulated board for `sim`, otherwise a board with no hardware
+/// (until real backends are configured for it).
+pub fn for_name(name: &str) -> Box<dyn Board> {
+    if name == "sim" {
+        Box::new(SimBoard::new())
+    } else {
+        Box::new(NoHardware(name.to_string()))
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A board without GPIO lines or sensors.
+#[derive(Debug)]
+pub struct NoHardware(String);
+
+impl Board for NoHardware {
+    fn name(&self) -> &str {
+        &self.0
+    }
+    fn gpio_lines(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn sensors(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn gpio_read(&self, line: &str) -> Result<bool, HwError> {
+        Err(self.unknown("GPIO line", line))
+    }
+    fn gpio_write(&self, line: &str, _value: bool) -> Result<(), HwError> {
+        Err(self.unknown("GPIO line", line))
+    }
+    fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError> {
+        Err(self.unknown("sensor", sensor))
+    }
+}
+
+impl NoHardware {
+    fn unknown(&self, kind: &'static str, name: &str) -> HwError {
+        HwError::Unknown {
+            board: self.0.clone(),
+            kind,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// Outdoor-following room temperature: mean and swing of the daily curve, in °C.
+const SIM_MEAN_C: f64 = 24.0;
+const SIM_SWING_C: f64 = 5.0;
+/// How much the fan pulls the room below the curve, in °C.
+const SIM_FAN_COOLING_C: f64 = 7.0;
+/// Time constant of the room's response, in seconds.
+const SIM_TAU_S: f64 = 30.0;
+/// Seconds per simulated day: a day passes in ten minutes so that changes show quickly.
+const SIM_DAY_S: f64 = 600.0;
+
+#[derive(Debug)]
+struct SimState {
+    lines: BTreeMap<&'static str, (bool, bool)>,
+    temp_c: f64,
+    updated: Instant,
+}
+
+/// The simulated board.
+#[derive(Debug)]
+pub struct SimBoard {
+    start: Instant,
+    state: Mutex<SimState>,
+}
+
+impl Default for SimBoard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SimBoard {
+    /// A fresh simulated board: fan and led off, the room at the curve's value.
+    pub fn new() -> Self {
+        let start = Instant::now();
+        let mut lines = BTreeMap::new();
+        // name -> (level, is output)
+        lines.insert("fan", (false, true));
+        lines.insert("led", (false, true));
+        lines.insert("button", (false, false));
+        Self {
+            start,
+            state: Mutex::new(SimState {
+                lines,
+                temp_c: curve(0.0),
+                updated: start,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets the simulated input level of an input line (a test pressing the button).
+    pub fn set_input(&self, line: &str, value: bool) -> Result<(), HwError> {
+        let mut s = self.lock();
+        match s.lines.get_mut(line) {
+            Some((level, false)) => {
+                *level = value;
+                Ok(())
+            }
+            Some(_) => Err(HwError::Device(format!("`{line}` is an output"))),
+            None => Err(self.unknown("GPIO line", line)),
+        }
+    }
+
+    fn unknown(&self, kind: &'static str, name: &str) -> HwError {
+        HwError::Unknown {
+            board: "sim".into(),
+            kind,
+            name: name.to_string(),
+        }
+    }
+
+    /// Advances the room temperature to now: first-order lag towards the curve, or below
+    /// it while the fan runs.
+    fn advance(&self, s: &mut SimState) {
+        let now = Instant::now();
+        let dt = now.duration_since(s.updated).as_secs_f64();
+        s.updated = now;
+        let t = now.duration_since(self.start).as_secs_f64();
+        let fan = s.lines.get("fan").is_some_and(|(on, _)| *on);
+        let target = curve(t) - if fan { SIM_FAN_COOLING_C } else { 0.0 };
+        s.temp_c = target + (s.temp_c - target) * (-dt / SIM_TAU_S).exp();
+    }
+}
+
+fn curve(t: f64) -> f64 {
+    SIM_MEAN_C + SIM_SWING_C * (std::f64::consts::TAU * t / SIM_DAY_S).sin()
+}
+
+impl Board for SimBoard {
+    fn name(&self) -> &str {
+        "sim"
+    }
+
+    fn gpio_lines(&self) -> Vec<String> {
+        self.lock().lines.keys().map(|k| k.to_string()).collect()
+    }
+
+    fn sensors(&self) -> Vec<String> {
+        vec!["humidity".into(), "room-temp".into()]
+    }
+
+    fn gpio_read(&self, line: &str) -> Result<bool, HwError> {
+        self.lock()
+            .lines
+            .get(line)
+            .map(|(level, _)| *level)
+            .ok_or_else(|| self.unknown("GPIO line", line))
+    }
+
+    fn gpio_write(&self, line: &str, value: bool) -> Result<(), HwError> {
+        let mut s = self.lock();
+        // Settle the temperature under the old fan state before changing it.
+        self.advance(&mut s);
+        match s.lines.get_mut(line) {
+            Some((level, true)) => {
+                *level = value;
+                Ok(())
+            }
+            Some((_, false)) => Err(HwError::InputOnly(line.to_string())),
+            None => Err(self.unknown("GPIO line", line)),
+        }
+    }
+
+    fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError> {
+        let mut s = self.lock();
+        self.advance(&mut s);
+        let (value, unit) = match sensor {
+            // Rounded like a real 0.01 °C-resolution sensor.
+            "room-temp" => ((s.temp_c * 100.0).round() / 100.0, "°C"),
+            "humidity" => {
+                let t = self.start.elapsed().as_secs_f64();
+                let rh = 45.0 - 8.0 * (std::f64::consts::TAU * t / SIM_DAY_S).sin();
+                ((rh * 10.0).round() / 10.0, "%")
+            }
+            _ => return Err(self.unknown("sensor", sensor)),
+        };
+        Ok(Reading {
+            value,
+            unit,
+            timestamp_ms: now_ms(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fan_cools_the_simulated_room() {
+        let board = SimBoard::new();
+        {
+            // Pretend a minute has passed with the fan on.
+            board.gpio_write("fan", true).expect("fan is an output");
+            let mut s = board.lock();
+            s.updated -= std::time::Duration::from_secs(60);
+        }
+        let cooled = board.sensor_read("room-temp").expect("sensor").value;
+        assert!(
+            cooled < curve(0.0) - 4.0,
+            "a minute of fan should pull the room well below the curve, got {cooled}"
+        );
+        assert_eq!(board.sensor_read("room-temp").expect("sensor").unit, "°C");
+    }
+
+    #[test]
+    fn lines_know_their_direction() {
+        let board = SimBoard::new();
+        assert_eq!(
+            board.gpio_write("button", true),
+            Err(HwError::InputOnly("button".into()))
+        );
+        board.set_input("button", true).expect("input");
+        assert_eq!(board.gpio_read("button"), Ok(true));
+        assert!(matches!(
+            board.gpio_read("relay"),
+            Err(HwError::Unknown { .. })
+        ));
+        assert!(matches!(
+            board.sensor_read("pressure"),
+            Err(HwError::Unknown { .. })
+        ));
+    }
+}
