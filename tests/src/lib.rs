@@ -104,14 +104,14 @@ impl Perchd {
         std::fs::write(
             &config,
             format!(
-                "data-dir = \"{}\"\nlisten = \"{addr}\"\n{}{}",
+                "data-dir = \"{}\"\nlisten = \"{addr}\"\n{}\n{}",
                 dir.join("data").display(),
+                launch.extra_config,
                 if launch.extra_config.contains("[signing]") {
                     ""
                 } else {
                     "[signing]\nallow-unsigned = true\n"
                 },
-                launch.extra_config
             ),
         )?;
         let log = std::fs::OpenOptions::new()

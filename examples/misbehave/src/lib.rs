@@ -1,14 +1,21 @@
-//! `misbehave`: a `perch:device/app` component that misbehaves on request, so tests can check
-//! that the agent contains it (fuel/epoch deadlines, memory limits, traps, crash-loop backoff).
+//! `misbehave`: misbehaves on request, so tests can check that the agent contains a bad
+//! component without harm to the others.
 //!
-//! The behaviour is picked by the suffix of the message subject; see README.md.
-
-wit_bindgen::generate!({ path: "../../wit", world: "perch:device/app" });
+//! | trigger                            | behaviour                                          |
+//! |------------------------------------|----------------------------------------------------|
+//! | message, subject ends `.loop`      | spins forever                                      |
+//! | message, subject ends `.hog`       | allocates and touches 1 MiB chunks forever         |
+//! | message, subject ends `.trap`      | traps (`unreachable`)                              |
+//! | message, subject ends `.ok`        | logs `ok` and returns `Ok`                         |
+//! | message, any other subject         | returns ``Err("misbehave: no behaviour for subject `…`")`` |
+//! | tick                               | always traps, for crash-loop backoff               |
+//!
+//! The loop must end at the component's timeout, the hog at its memory limit (the
+//! allocator aborts with a trap), and the component must stay usable afterwards.
 
 use std::hint::black_box;
 
-use exports::perch::device::{lifecycle, message_handler, timer};
-use perch::device::log::{Level, log};
+use perch_sdk::{App, Error, Message, Result, log};
 
 /// Size of each allocation made by `.hog`.
 const CHUNK: usize = 1 << 20;
@@ -17,34 +24,35 @@ const PAGE: usize = 4096;
 
 struct Misbehave;
 
-impl lifecycle::Guest for Misbehave {
-    fn on_start() -> Result<(), String> {
-        Ok(())
+impl App for Misbehave {
+    fn on_tick() -> Result<()> {
+        trap()
     }
-}
 
-impl timer::Guest for Misbehave {
-    fn on_tick() -> Result<(), String> {
-        // Every tick traps: a component that crashes on each trigger, for crash-loop backoff.
-        core::arch::wasm32::unreachable()
-    }
-}
-
-impl message_handler::Guest for Misbehave {
-    fn on_message(subject: String, _payload: Vec<u8>) -> Result<(), String> {
+    fn on_message(message: Message) -> Result<()> {
+        let subject = message.subject;
         if subject.ends_with(".loop") {
             spin()
         } else if subject.ends_with(".hog") {
             hog()
         } else if subject.ends_with(".trap") {
-            core::arch::wasm32::unreachable()
+            trap()
         } else if subject.ends_with(".ok") {
-            log(Level::Info, "ok");
+            log::info("ok");
             Ok(())
         } else {
-            Err(format!("misbehave: no behaviour for subject `{subject}`"))
+            Err(Error::msg(format!(
+                "misbehave: no behaviour for subject `{subject}`"
+            )))
         }
     }
+}
+
+fn trap() -> ! {
+    #[cfg(target_arch = "wasm32")]
+    core::arch::wasm32::unreachable();
+    #[cfg(not(target_arch = "wasm32"))]
+    std::process::abort();
 }
 
 /// Busy-loops forever; `black_box` keeps the optimiser from proving the loop useless.
@@ -55,8 +63,7 @@ fn spin() -> ! {
     }
 }
 
-/// Allocates and touches 1 MiB chunks forever, keeping them all alive, until the host's
-/// memory limit makes `memory.grow` fail (the allocator then aborts with a trap).
+/// Allocates and touches 1 MiB chunks forever, keeping them all alive.
 fn hog() -> ! {
     let mut held: Vec<Vec<u8>> = Vec::new();
     loop {
@@ -68,4 +75,4 @@ fn hog() -> ! {
     }
 }
 
-export!(Misbehave);
+perch_sdk::export!(Misbehave);

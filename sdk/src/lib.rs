@@ -1,0 +1,687 @@
+//! # perch-sdk: Perch components in plain Rust
+//!
+//! A Perch component is one ordinary crate: a `Cargo.toml` whose
+//! `[package.metadata.perch]` table says what the component needs, and a `src/lib.rs` that
+//! implements [`App`] and calls [`export!`]. The SDK carries the WIT bindings, so there are
+//! no WIT files, no `wit/deps` and no glue code to write.
+//!
+//! ```no_run
+//! use perch_sdk::{App, Result, log, sensors, telemetry};
+//!
+//! struct Climate;
+//!
+//! impl App for Climate {
+//!     fn on_tick() -> Result<()> {
+//!         let t = sensors::read("room-temp")?;
+//!         log::info(format!("room at {:.1} {}", t.value, t.unit));
+//!         telemetry::publish("climate", format!("{{\"t\":{}}}", t.value))?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! perch_sdk::export!(Climate);
+//! ```
+//!
+//! with, in `Cargo.toml`:
+//!
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib"]
+//!
+//! [package.metadata.perch]
+//! triggers = [{ every = "5s" }]
+//! grants = { sensors = ["room-temp"], telemetry = ["climate"] }
+//! ```
+//!
+//! Each trigger runs in a fresh instance: keep state in [`kv`], not in statics. Host calls
+//! outside the manifest's grants return [`Error::Denied`]; they never crash the component.
+//!
+//! This crate is for guests (`wasm32-wasip2`); it must not depend on any host crate. It
+//! also compiles for the host so that plain logic in a component crate can be unit-tested
+//! with `cargo test` (host calls there panic: they need an agent).
+
+use std::fmt;
+
+#[doc(hidden)]
+pub mod __private {
+    //! Used by [`export!`](crate::export); not part of the API.
+    pub use wasip2;
+
+    #[allow(missing_docs, clippy::all, unsafe_code, missing_debug_implementations)]
+    pub mod bindings {
+        wit_bindgen::generate!({
+            path: "../wit",
+            world: "perch:device/app",
+            pub_export_macro: true,
+            export_macro_name: "export_app",
+            default_bindings_module: "perch_sdk::__private::bindings",
+        });
+    }
+
+    pub use bindings::exports::perch::device::lifecycle::Guest as LifecycleGuest;
+    pub use bindings::exports::perch::device::message_handler::Guest as MessageGuest;
+    pub use bindings::exports::perch::device::timer::Guest as TimerGuest;
+    pub use wasip2::exports::http::incoming_handler::Guest as HttpGuest;
+    pub use wasip2::http::types::{IncomingRequest, ResponseOutparam};
+
+    /// Turns an app result into what the WIT export returns.
+    pub fn outcome(result: crate::Result<()>) -> Result<(), String> {
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Serves one HTTP request with `A::on_http`.
+    pub fn serve_http<A: crate::App>(request: IncomingRequest, out: ResponseOutparam) {
+        crate::http::serve::<A>(request, out);
+    }
+}
+
+use __private::bindings::perch::device as host;
+
+/// What a host call or an app handler can fail with.
+///
+/// Handlers return it to the agent, which logs it and counts a failure. Errors from the
+/// host keep their kind so a component can tell "not granted" from "device unplugged".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The manifest does not grant this resource; the text names it.
+    Denied(String),
+    /// The host rejected an argument (too large, malformed).
+    Invalid(String),
+    /// The host could not complete the call (storage, a device that does not answer).
+    Io(String),
+    /// An error raised by the component itself.
+    App(String),
+}
+
+impl Error {
+    /// An error with a message of the component's own.
+    ///
+    /// ```
+    /// let e = perch_sdk::Error::msg("threshold must be positive");
+    /// assert_eq!(e.to_string(), "threshold must be positive");
+    /// ```
+    pub fn msg(message: impl fmt::Display) -> Self {
+        Self::App(message.to_string())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Denied(m) => write!(f, "denied: {m}"),
+            Self::Invalid(m) => write!(f, "invalid: {m}"),
+            Self::Io(m) => write!(f, "io: {m}"),
+            Self::App(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Any standard error converts, so `?` works on parsing and formatting results.
+///
+/// ```
+/// fn threshold(text: &str) -> perch_sdk::Result<f64> {
+///     Ok(text.parse::<f64>()?)
+/// }
+/// assert!(threshold("x").is_err());
+/// ```
+impl<E: std::error::Error> From<E> for Error {
+    fn from(e: E) -> Self {
+        Self::App(e.to_string())
+    }
+}
+
+/// Keeps the kind of an error the host returned.
+fn from_host(e: host::types::Error) -> Error {
+    {
+        match e {
+            host::types::Error::Denied(m) => Error::Denied(m),
+            host::types::Error::Invalid(m) => Error::Invalid(m),
+            host::types::Error::Io(m) => Error::Io(m),
+        }
+    }
+}
+
+/// `Result` with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A message from the local bus (or, when connected, the fleet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The subject it was published on.
+    pub subject: String,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+}
+
+impl Message {
+    /// The payload as text (lossy for bytes that are not UTF-8).
+    ///
+    /// ```
+    /// let m = perch_sdk::Message { subject: "cmd.fan".into(), payload: b"on".to_vec() };
+    /// assert_eq!(m.text(), "on");
+    /// ```
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.payload)
+    }
+}
+
+pub use http::{Request, Response};
+
+/// A component. Implement the handlers for the triggers in your manifest; the others keep
+/// their defaults. Every call runs in a fresh instance.
+///
+/// ```no_run
+/// use perch_sdk::{App, Message, Request, Response, Result, log};
+///
+/// struct Hello;
+///
+/// impl App for Hello {
+///     fn on_start() -> Result<()> {
+///         log::info("hello is up");
+///         Ok(())
+///     }
+///     fn on_message(message: Message) -> Result<()> {
+///         log::info(format!("{} says {}", message.subject, message.text()));
+///         Ok(())
+///     }
+///     fn on_http(request: Request) -> Response {
+///         Response::text(200, format!("hello from {}\n", request.path))
+///     }
+/// }
+///
+/// perch_sdk::export!(Hello);
+/// ```
+pub trait App {
+    /// Runs once when the component starts (`{ startup = true }` trigger).
+    fn on_start() -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs on every tick of an `{ every = "..." }` trigger.
+    fn on_tick() -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs for each message on a `{ message = "..." }` subject.
+    fn on_message(message: Message) -> Result<()> {
+        let _ = message;
+        Ok(())
+    }
+
+    /// Answers a request under an `{ http = "/..." }` route.
+    fn on_http(request: Request) -> Response {
+        Response::text(404, format!("no handler for {}\n", request.path))
+    }
+}
+
+/// Exports an [`App`] as the component's handlers. Call it once, at the crate root.
+///
+/// ```no_run
+/// struct Noop;
+/// impl perch_sdk::App for Noop {}
+/// perch_sdk::export!(Noop);
+/// ```
+#[macro_export]
+macro_rules! export {
+    ($app:ty) => {
+        #[doc(hidden)]
+        struct __PerchExports;
+
+        impl $crate::__private::LifecycleGuest for __PerchExports {
+            fn on_start() -> ::core::result::Result<(), ::std::string::String> {
+                $crate::__private::outcome(<$app as $crate::App>::on_start())
+            }
+        }
+
+        impl $crate::__private::TimerGuest for __PerchExports {
+            fn on_tick() -> ::core::result::Result<(), ::std::string::String> {
+                $crate::__private::outcome(<$app as $crate::App>::on_tick())
+            }
+        }
+
+        impl $crate::__private::MessageGuest for __PerchExports {
+            fn on_message(
+                subject: ::std::string::String,
+                payload: ::std::vec::Vec<u8>,
+            ) -> ::core::result::Result<(), ::std::string::String> {
+                $crate::__private::outcome(<$app as $crate::App>::on_message($crate::Message {
+                    subject,
+                    payload,
+                }))
+            }
+        }
+
+        impl $crate::__private::HttpGuest for __PerchExports {
+            fn handle(
+                request: $crate::__private::IncomingRequest,
+                out: $crate::__private::ResponseOutparam,
+            ) {
+                $crate::__private::serve_http::<$app>(request, out)
+            }
+        }
+
+        $crate::__private::bindings::export_app!(__PerchExports with_types_in $crate::__private::bindings);
+        $crate::__private::wasip2::http::proxy::export!(__PerchExports);
+    };
+}
+
+/// Log lines, kept per component by the agent (`perch logs NAME`).
+pub mod log {
+    use super::host::log::{Level, log};
+
+    /// Logs at trace level.
+    ///
+    /// ```no_run
+    /// perch_sdk::log::trace("entering on_tick");
+    /// ```
+    pub fn trace(message: impl AsRef<str>) {
+        log(Level::Trace, message.as_ref());
+    }
+
+    /// Logs at debug level.
+    ///
+    /// ```no_run
+    /// perch_sdk::log::debug(format!("raw value {}", 42));
+    /// ```
+    pub fn debug(message: impl AsRef<str>) {
+        log(Level::Debug, message.as_ref());
+    }
+
+    /// Logs at info level.
+    ///
+    /// ```no_run
+    /// perch_sdk::log::info("fan switched on");
+    /// ```
+    pub fn info(message: impl AsRef<str>) {
+        log(Level::Info, message.as_ref());
+    }
+
+    /// Logs at warn level.
+    ///
+    /// ```no_run
+    /// perch_sdk::log::warn("sensor reading out of range");
+    /// ```
+    pub fn warn(message: impl AsRef<str>) {
+        log(Level::Warn, message.as_ref());
+    }
+
+    /// Logs at error level.
+    ///
+    /// ```no_run
+    /// perch_sdk::log::error("cannot drive the fan");
+    /// ```
+    pub fn error(message: impl AsRef<str>) {
+        log(Level::Error, message.as_ref());
+    }
+}
+
+/// The component's own durable key-value namespace; it survives restarts and redeploys.
+pub mod kv {
+    use super::{Result, host};
+
+    /// The value of `key`, if set.
+    ///
+    /// ```no_run
+    /// let raw: Option<Vec<u8>> = perch_sdk::kv::get("count")?;
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn get(key: &str) -> Result<Option<Vec<u8>>> {
+        host::kv::get(key).map_err(crate::from_host)
+    }
+
+    /// The value of `key` as text, if set.
+    ///
+    /// ```no_run
+    /// let mode = perch_sdk::kv::get_string("mode")?.unwrap_or_else(|| "auto".into());
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn get_string(key: &str) -> Result<Option<String>> {
+        match get(key)? {
+            Some(bytes) => Ok(Some(String::from_utf8(bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets `key`.
+    ///
+    /// ```no_run
+    /// perch_sdk::kv::set("mode", "auto")?;
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn set(key: &str, value: impl AsRef<[u8]>) -> Result<()> {
+        host::kv::set(key, value.as_ref()).map_err(crate::from_host)
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    ///
+    /// ```no_run
+    /// let existed = perch_sdk::kv::delete("mode")?;
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn delete(key: &str) -> Result<bool> {
+        host::kv::delete(key).map_err(crate::from_host)
+    }
+
+    /// Every key, in byte order.
+    ///
+    /// ```no_run
+    /// for key in perch_sdk::kv::keys()? {
+    ///     perch_sdk::log::info(key);
+    /// }
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn keys() -> Result<Vec<String>> {
+        host::kv::keys().map_err(crate::from_host)
+    }
+}
+
+/// Config values: the manifest's `config` defaults overlaid with the deployment's.
+pub mod config {
+    use super::{Error, Result, host};
+
+    /// The value of `key`, if set.
+    ///
+    /// ```no_run
+    /// let unit = perch_sdk::config::get("unit").unwrap_or_else(|| "C".into());
+    /// ```
+    pub fn get(key: &str) -> Option<String> {
+        host::config::get(key)
+    }
+
+    /// The value of `key` parsed as `T`; an error names the key when it is missing or
+    /// does not parse.
+    ///
+    /// ```no_run
+    /// let threshold: f64 = perch_sdk::config::parse("threshold-c")?;
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn parse<T: std::str::FromStr>(key: &str) -> Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let text = get(key).ok_or_else(|| {
+            Error::msg(format!(
+                "config `{key}` is not set: add it to `config` in [package.metadata.perch]"
+            ))
+        })?;
+        text.parse()
+            .map_err(|e| Error::msg(format!("config `{key}` = `{text}`: {e}")))
+    }
+
+    /// Every key and value, sorted by key.
+    ///
+    /// ```no_run
+    /// for (key, value) in perch_sdk::config::all() {
+    ///     perch_sdk::log::debug(format!("{key} = {value}"));
+    /// }
+    /// ```
+    pub fn all() -> Vec<(String, String)> {
+        host::config::get_all()
+    }
+}
+
+/// GPIO lines named by the board, granted in the manifest
+/// (`grants.gpio = { read = [...], write = [...] }`).
+pub mod gpio {
+    use super::{Result, host};
+
+    /// The line's logical level.
+    ///
+    /// ```no_run
+    /// if perch_sdk::gpio::read("button")? {
+    ///     perch_sdk::log::info("pressed");
+    /// }
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn read(line: &str) -> Result<bool> {
+        host::gpio::read(line).map_err(crate::from_host)
+    }
+
+    /// Drives an output line (needs a `write` grant).
+    ///
+    /// ```no_run
+    /// perch_sdk::gpio::write("fan", true)?;
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn write(line: &str, high: bool) -> Result<()> {
+        host::gpio::write(line, high).map_err(crate::from_host)
+    }
+}
+
+/// Sensors named by the board, granted in the manifest (`grants.sensors = [...]`).
+pub mod sensors {
+    use super::{Result, host};
+
+    /// One measurement.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Reading {
+        /// The value in `unit`.
+        pub value: f64,
+        /// Unit symbol, e.g. `°C`.
+        pub unit: String,
+        /// Milliseconds since the Unix epoch.
+        pub timestamp_ms: u64,
+    }
+
+    /// Takes one reading.
+    ///
+    /// ```no_run
+    /// let t = perch_sdk::sensors::read("room-temp")?;
+    /// perch_sdk::log::info(format!("{:.1} {}", t.value, t.unit));
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn read(sensor: &str) -> Result<Reading> {
+        let r = host::sensors::read(sensor).map_err(crate::from_host)?;
+        Ok(Reading {
+            value: r.value,
+            unit: r.unit,
+            timestamp_ms: r.timestamp_ms,
+        })
+    }
+}
+
+/// Durable telemetry, granted per stream (`grants.telemetry = [...]`). A publish returns
+/// once the record is on the device's disk; the agent forwards it when connected.
+pub mod telemetry {
+    use super::{Result, host};
+
+    /// Publishes `payload` to `stream`; returns its sequence number on this device.
+    ///
+    /// ```no_run
+    /// let seq = perch_sdk::telemetry::publish("climate", r#"{"t":21.5}"#)?;
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn publish(stream: &str, payload: impl AsRef<[u8]>) -> Result<u64> {
+        host::telemetry::publish(stream, payload.as_ref()).map_err(crate::from_host)
+    }
+}
+
+/// Messages on the agent's local bus (bridged to the fleet when connected).
+pub mod messaging {
+    use super::{Result, host};
+
+    /// Publishes `payload` on `subject` (`.`-separated tokens, no wildcards).
+    ///
+    /// ```no_run
+    /// perch_sdk::messaging::publish("climate.alarm", "too hot")?;
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn publish(subject: &str, payload: impl AsRef<[u8]>) -> Result<()> {
+        host::messaging::publish(subject, payload.as_ref()).map_err(crate::from_host)
+    }
+}
+
+/// HTTP requests and responses for [`App::on_http`].
+pub mod http {
+    use wasip2::http::types::{
+        Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+    };
+    use wasip2::io::streams::StreamError;
+
+    /// Largest request body read into a [`Request`].
+    pub const MAX_BODY: usize = 4 << 20;
+
+    /// A request, read whole.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Request {
+        /// `GET`, `POST`, ...
+        pub method: String,
+        /// Path and query, e.g. `/thermostat?verbose=1`.
+        pub path: String,
+        /// Header names (lowercase) and values.
+        pub headers: Vec<(String, Vec<u8>)>,
+        /// The body.
+        pub body: Vec<u8>,
+    }
+
+    impl Request {
+        /// The first value of header `name` as text.
+        ///
+        /// ```
+        /// let r = perch_sdk::Request {
+        ///     method: "GET".into(),
+        ///     path: "/".into(),
+        ///     headers: vec![("accept".into(), b"text/plain".to_vec())],
+        ///     body: vec![],
+        /// };
+        /// assert_eq!(r.header("Accept"), Some("text/plain"));
+        /// ```
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        }
+    }
+
+    /// A response.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Response {
+        /// Status code.
+        pub status: u16,
+        /// Header names and values.
+        pub headers: Vec<(String, Vec<u8>)>,
+        /// The body.
+        pub body: Vec<u8>,
+    }
+
+    impl Response {
+        /// A `text/plain` response.
+        ///
+        /// ```
+        /// let r = perch_sdk::Response::text(200, "ok\n");
+        /// assert_eq!(r.body, b"ok\n");
+        /// ```
+        pub fn text(status: u16, body: impl Into<String>) -> Self {
+            Self::new(status, "text/plain; charset=utf-8", body.into().into_bytes())
+        }
+
+        /// An `application/json` response; `body` must already be JSON.
+        ///
+        /// ```
+        /// let r = perch_sdk::Response::json(200, r#"{"fan":true}"#);
+        /// assert_eq!(r.status, 200);
+        /// ```
+        pub fn json(status: u16, body: impl Into<String>) -> Self {
+            Self::new(status, "application/json", body.into().into_bytes())
+        }
+
+        /// A response with this content type and body.
+        ///
+        /// ```
+        /// let r = perch_sdk::Response::new(200, "image/png", vec![0x89, b'P']);
+        /// assert_eq!(r.headers[0].0, "content-type");
+        /// ```
+        pub fn new(status: u16, content_type: &str, body: Vec<u8>) -> Self {
+            Self {
+                status,
+                headers: vec![("content-type".into(), content_type.as_bytes().to_vec())],
+                body,
+            }
+        }
+
+        /// Adds a header.
+        ///
+        /// ```
+        /// let r = perch_sdk::Response::text(200, "ok").with_header("cache-control", "no-store");
+        /// assert_eq!(r.headers.len(), 2);
+        /// ```
+        pub fn with_header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+            self.headers.push((name.into(), value.as_ref().to_vec()));
+            self
+        }
+    }
+
+    fn read(request: IncomingRequest) -> Result<Request, String> {
+        let method = match request.method() {
+            Method::Get => "GET".to_string(),
+            Method::Head => "HEAD".to_string(),
+            Method::Post => "POST".to_string(),
+            Method::Put => "PUT".to_string(),
+            Method::Delete => "DELETE".to_string(),
+            Method::Connect => "CONNECT".to_string(),
+            Method::Options => "OPTIONS".to_string(),
+            Method::Trace => "TRACE".to_string(),
+            Method::Patch => "PATCH".to_string(),
+            Method::Other(m) => m,
+        };
+        let path = request.path_with_query().unwrap_or_else(|| "/".into());
+        let headers = request.headers().entries();
+        let incoming = request
+            .consume()
+            .map_err(|()| "the request body was already taken".to_string())?;
+        let mut body = Vec::new();
+        {
+            let stream = incoming
+                .stream()
+                .map_err(|()| "the request body stream was already taken".to_string())?;
+            loop {
+                match stream.blocking_read(64 << 10) {
+                    Ok(chunk) => {
+                        body.extend_from_slice(&chunk);
+                        if body.len() > MAX_BODY {
+                            return Err(format!("the request body exceeds {MAX_BODY} bytes"));
+                        }
+                    }
+                    Err(StreamError::Closed) => break,
+                    Err(StreamError::LastOperationFailed(e)) => {
+                        return Err(format!("reading the request body: {}", e.to_debug_string()));
+                    }
+                }
+            }
+        }
+        Ok(Request {
+            method,
+            path,
+            headers,
+            body,
+        })
+    }
+
+    fn respond(out: ResponseOutparam, response: Response) {
+        let headers = Fields::from_list(&response.headers).unwrap_or_else(|_| Fields::new());
+        let outgoing = OutgoingResponse::new(headers);
+        if outgoing.set_status_code(response.status).is_err() {
+            let _ = outgoing.set_status_code(500);
+        }
+        let Ok(body) = outgoing.body() else { return };
+        ResponseOutparam::set(out, Ok(outgoing));
+        let Ok(stream) = body.write() else { return };
+        for chunk in response.body.chunks(4096) {
+            // A failed write means the client went away: nobody is left to answer.
+            if stream.blocking_write_and_flush(chunk).is_err() {
+                return;
+            }
+        }
+        drop(stream);
+        let _ = OutgoingBody::finish(body, None);
+    }
+
+    pub(crate) fn serve<A: crate::App>(request: IncomingRequest, out: ResponseOutparam) {
+        let response = match read(request) {
+            Ok(request) => A::on_http(request),
+            Err(e) => Response::text(400, format!("{e}\n")),
+        };
+        respond(out, response);
+    }
+}
