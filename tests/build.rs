@@ -1,6 +1,8 @@
-//! Builds the guest components of the nested `examples/` workspace for `wasm32-wasip2` and
-//! exposes each one to the tests as `PERCH_EXAMPLE_<NAME>` (for `examples/http-hello`:
-//! `env!("PERCH_EXAMPLE_HTTP_HELLO")`), the absolute path of its `.wasm` file.
+//! Builds the guest components of the nested `examples/` and `fixtures/` workspaces for
+//! `wasm32-wasip2` and exposes each one to the tests as `PERCH_EXAMPLE_<NAME>` (for
+//! `examples/http-hello`: `env!("PERCH_EXAMPLE_HTTP_HELLO")`), the absolute path of its
+//! `.wasm` file as cargo built it (no embedded manifest, unsigned: the tests of `perch build`
+//! make their own artifacts).
 //!
 //! Like wasmtime's test-programs, the guests are built by a nested `cargo build`, so
 //! `cargo test --workspace` never compiles them for the host. The nested build runs in release
@@ -52,7 +54,6 @@ macro_rules! ensure {
 fn run() -> Result<()> {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR")?);
     let repo = manifest_dir.parent().context("tests/ has a parent")?;
-    let examples = repo.join("examples");
     let out_dir = PathBuf::from(env("OUT_DIR")?);
     // OUT_DIR is <target>/[<triple>/]<profile>/build/perch-tests-<hash>/out.
     let target_dir = out_dir
@@ -60,29 +61,36 @@ fn run() -> Result<()> {
         .nth(4)
         .context("OUT_DIR is nested in the target dir")?
         .join("examples-target");
-
-    rerun_if_changed(&examples, &repo.join("wit"))?;
     ensure_target_installed()?;
+    println!("cargo:rerun-if-changed={}", repo.join("wit").display());
+    println!("cargo:rerun-if-changed={}", repo.join("sdk").display());
+    for workspace in ["examples", "fixtures"] {
+        build_workspace(&repo.join(workspace), &target_dir)?;
+    }
+    Ok(())
+}
 
+fn build_workspace(dir: &Path, target_dir: &Path) -> Result<()> {
+    rerun_if_changed(dir)?;
     let cargo = env("CARGO")?;
     let mut build = Command::new(&cargo);
     build
         .args(["build", "--release", "--target", TARGET])
-        .current_dir(&examples)
+        .current_dir(dir)
         // Cargo parses this script's stdout; keep the nested build's output on stderr.
         .stdout(Stdio::from(std::io::stderr()));
     clean_env(&mut build);
-    build.env("CARGO_TARGET_DIR", &target_dir);
+    build.env("CARGO_TARGET_DIR", target_dir);
     let status = build
         .status()
-        .context(format!("running {cargo:?} in {}", examples.display()))?;
+        .context(format!("running {cargo:?} in {}", dir.display()))?;
     ensure!(
         status.success(),
         "building the guest components in {} failed",
-        examples.display()
+        dir.display()
     );
 
-    for name in guest_names(&examples)? {
+    for name in guest_names(dir)? {
         let wasm = target_dir
             .join(TARGET)
             .join("release")
@@ -98,7 +106,7 @@ fn env(name: &str) -> Result<String> {
     std::env::var(name).context(format!("cargo sets {name} for build scripts"))
 }
 
-/// Every crate of the nested workspace: a directory of `examples/` holding a `Cargo.toml`.
+/// Every crate of a nested workspace: a directory holding a `Cargo.toml`.
 /// The crate is named after its directory.
 fn guest_names(examples: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
@@ -120,14 +128,13 @@ fn guest_names(examples: &Path) -> Result<Vec<String>> {
 
 /// Watches everything the guests are built from, but not a `target/` that a plain
 /// `cargo build` inside `examples/` may have left there.
-fn rerun_if_changed(examples: &Path, wit: &Path) -> Result<()> {
+fn rerun_if_changed(examples: &Path) -> Result<()> {
     for entry in std::fs::read_dir(examples).context(format!("reading {}", examples.display()))? {
         let path = entry.context("reading examples/")?.path();
         if path.file_name().is_some_and(|name| name != "target") {
             println!("cargo:rerun-if-changed={}", path.display());
         }
     }
-    println!("cargo:rerun-if-changed={}", wit.display());
     Ok(())
 }
 

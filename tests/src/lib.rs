@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-/// The example components, built for wasm32-wasip2 by this crate's build script.
+/// The example components (`examples/`, written on perch-sdk) and test fixtures
+/// (`fixtures/`), built by plain cargo for wasm32-wasip2 by this crate's build script: no
+/// embedded manifest, unsigned.
 pub mod examples {
     /// Timer: counts ticks in its key-value store and logs them.
     pub const TIMER: &str = env!("PERCH_EXAMPLE_TIMER");
@@ -19,10 +21,17 @@ pub mod examples {
     pub const HTTP_HELLO: &str = env!("PERCH_EXAMPLE_HTTP_HELLO");
     /// Misbehaving component: loops, hogs memory or traps on request.
     pub const MISBEHAVE: &str = env!("PERCH_EXAMPLE_MISBEHAVE");
-    /// Does nothing: for benchmarks.
+    /// Thermostat: sensor, fan GPIO, telemetry and HTTP.
+    pub const THERMOSTAT: &str = env!("PERCH_EXAMPLE_THERMOSTAT");
+    /// Fixture: does nothing and imports nothing, for benchmarks.
     pub const NOOP: &str = env!("PERCH_EXAMPLE_NOOP");
-    /// Imports an interface no agent provides.
+    /// Fixture: imports an interface no agent provides.
     pub const UNKNOWN_IMPORT: &str = env!("PERCH_EXAMPLE_UNKNOWN_IMPORT");
+    /// Fixture: a bare `wasi:http/proxy` hello (no std, exports only the HTTP handler), the
+    /// same file under Perch and `wasmtime serve`.
+    pub const BENCH_HELLO: &str = env!("PERCH_EXAMPLE_BENCH_HELLO");
+    /// Fixture: drives the `fan` GPIO line without a GPIO grant.
+    pub const UNGRANTED: &str = env!("PERCH_EXAMPLE_UNGRANTED");
 
     /// Reads an example's bytes.
     pub fn bytes(path: &str) -> Vec<u8> {
@@ -32,7 +41,16 @@ pub mod examples {
 
 /// The `perchd` binary: `$PERCHD_BIN`, or `perchd` in the same cargo profile directory.
 pub fn perchd_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("PERCHD_BIN") {
+    workspace_bin("perchd", "PERCHD_BIN")
+}
+
+/// The `perch` CLI: `$PERCH_BIN`, or `perch` in the same cargo profile directory.
+pub fn perch_bin() -> PathBuf {
+    workspace_bin("perch", "PERCH_BIN")
+}
+
+fn workspace_bin(name: &str, var: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
         return PathBuf::from(p);
     }
     // Tests run from `<profile>/deps/`, bench binaries from `<profile>/`.
@@ -43,13 +61,40 @@ pub fn perchd_bin() -> PathBuf {
     } else {
         dir
     };
-    let bin = dir.join("perchd");
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} does not exist: build it first with `cargo build --release -p perchd` (scripts/test.sh does)",
+        "{} does not exist: build it first with `cargo build --release --workspace --bins` (scripts/test.sh does)",
         bin.display()
     );
     bin
+}
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// What `perch build` makes of an example: the component cargo built, with the manifest
+/// from `examples/<crate_dir>/Cargo.toml` (adjusted by `edit`) embedded and signed by `key`.
+pub fn artifact(
+    wasm: &str,
+    cargo_toml: &Path,
+    key: Option<&perch_artifact::SecretKey>,
+    edit: impl FnOnce(&mut perch_core::Manifest),
+) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(cargo_toml)?;
+    let mut manifest =
+        perch_core::Manifest::from_cargo_toml(&text, &cargo_toml.display().to_string())?;
+    edit(&mut manifest);
+    let mut bytes = perch_artifact::embed_manifest(&examples::bytes(wasm), &manifest)?;
+    if let Some(key) = key {
+        bytes = perch_artifact::sign(&bytes, key)?;
+    }
+    Ok(bytes)
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -224,6 +269,11 @@ impl Perchd {
             bail!("GET {path}: {} {}", r.status, r.body);
         }
         Ok(r.body)
+    }
+
+    /// Deploys an artifact named by its embedded manifest (`POST /v1/components`).
+    pub fn deploy_artifact(&self, artifact: &[u8]) -> Result<Resp> {
+        self.request("POST", "/v1/components", Some(artifact.to_vec()))
     }
 
     /// Deploys a component file with a query string of triggers and limits.

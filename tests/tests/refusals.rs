@@ -73,7 +73,7 @@ fn bad_components_are_refused_and_the_agent_keeps_running() -> anyhow::Result<()
     );
 
     // A trigger whose export is missing.
-    let r = agent.deploy("x", &examples::bytes(examples::HTTP_HELLO), "every=1s")?;
+    let r = agent.deploy("x", &examples::bytes(examples::BENCH_HELLO), "every=1s")?;
     assert_eq!(r.status, 422, "{}", r.body);
     assert!(
         error_message(&r).contains("does not export `perch:device/timer.on-tick`"),

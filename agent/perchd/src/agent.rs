@@ -346,7 +346,16 @@ impl Agent {
     ) -> Result<Reply, CommandError> {
         let mut current = self.desired.lock().await;
         let digest = Digest::of(&bytes);
-        let shown = name.clone().unwrap_or_else(|| "(unnamed)".into());
+        // For messages only: the name given, else the (not yet verified) manifest's.
+        let shown = name
+            .clone()
+            .or_else(|| {
+                perch_artifact::manifest(&bytes)
+                    .ok()
+                    .flatten()
+                    .map(|m| m.name)
+            })
+            .unwrap_or_else(|| "(unnamed)".into());
         if let Some(expected) = expected
             && expected != digest
         {

@@ -276,7 +276,7 @@ fn seeded_dir() -> Result<tempfile::TempDir> {
     let mut agent = Perchd::start(dir.path(), Launch::default())?;
     for (name, path, q) in [
         ("timer", examples::TIMER, "every=1s"),
-        ("hello", examples::HTTP_HELLO, "http=/"),
+        ("hello", examples::BENCH_HELLO, "http=/"),
         ("bad", examples::MISBEHAVE, "message=misbehave.%3E"),
     ] {
         let r = agent.deploy(name, &examples::bytes(path), q)?;
@@ -579,7 +579,7 @@ fn bench_http(rows: &mut Vec<Row>) -> Result<()> {
             ..Launch::default()
         },
     )?;
-    let r = agent.deploy("hello", &examples::bytes(examples::HTTP_HELLO), "http=/")?;
+    let r = agent.deploy("hello", &examples::bytes(examples::BENCH_HELLO), "http=/")?;
     if r.status != 201 {
         bail!("deploy: {}", r.body);
     }
@@ -590,7 +590,7 @@ fn bench_http(rows: &mut Vec<Row>) -> Result<()> {
             "serve",
             "--addr",
             &format!("127.0.0.1:{port}"),
-            examples::HTTP_HELLO,
+            examples::BENCH_HELLO,
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -1,0 +1,253 @@
+//! Signed artifacts and grants, end to end against a real perchd: the agent accepts only
+//! components signed by a trusted, unrevoked key, runs them with exactly the grants their
+//! manifest names, and denies (never traps on) calls outside them.
+
+use std::time::Duration;
+
+use perch_artifact::SecretKey;
+use perch_tests::{Launch, Perchd, artifact, examples, repo_root};
+use serde_json::Value;
+
+type TestResult = anyhow::Result<()>;
+
+fn signing(trusted: &[&SecretKey], revoked: &[&SecretKey]) -> String {
+    let list = |keys: &[&SecretKey]| {
+        keys.iter()
+            .map(|k| format!("\"{}\"", k.public()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[signing]\ntrusted-keys = [{}]\nrevoked-keys = [{}]\n",
+        list(trusted),
+        list(revoked)
+    )
+}
+
+fn error_message(body: &Value) -> String {
+    body["error"]["message"].as_str().unwrap_or_default().to_string()
+}
+
+fn thermostat(key: Option<&SecretKey>) -> anyhow::Result<Vec<u8>> {
+    artifact(
+        examples::THERMOSTAT,
+        &repo_root().join("examples/thermostat/Cargo.toml"),
+        key,
+        |_| {},
+    )
+}
+
+#[test]
+fn only_trusted_unrevoked_untampered_signatures_are_accepted() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let key = SecretKey::generate().map_err(anyhow::Error::msg)?;
+    let stranger = SecretKey::generate().map_err(anyhow::Error::msg)?;
+    let mut agent = Perchd::start(
+        dir.path(),
+        Launch {
+            extra_config: signing(&[&key], &[]),
+            ..Launch::default()
+        },
+    )?;
+
+    // Unsigned: refused, and the message says how to sign.
+    let r = agent.deploy_artifact(&thermostat(None)?)?;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(
+        error_message(&r.body),
+        "component `thermostat` refused: the component is not signed: sign it with `perch build` (or set `allow-unsigned = true` under [signing] in the agent's config, for development only)"
+    );
+
+    // One flipped byte in the code: refused as modified after signing.
+    let good = thermostat(Some(&key))?;
+    let mut tampered = good.clone();
+    let at = tampered.len() / 3;
+    tampered[at] ^= 0x01;
+    let r = agent.deploy_artifact(&tampered)?;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let msg = error_message(&r.body);
+    assert!(
+        msg.contains("was modified after it was signed") || msg.contains("malformed"),
+        "{msg}"
+    );
+
+    // Signed by a key the agent does not trust.
+    let r = agent.deploy_artifact(&thermostat(Some(&stranger))?)?;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(
+        error_message(&r.body),
+        format!(
+            "component `thermostat` refused: the component is signed by key {}, which this agent does not trust: add it to `trusted-keys` under [signing] in the agent's config",
+            stranger.public()
+        )
+    );
+
+    // Nothing was stored or started by the refusals.
+    let status = agent.get("/v1/status")?;
+    assert_eq!(status["revision"].as_u64(), Some(0), "{status}");
+
+    // The genuine artifact runs under its manifest's name, with its signer recorded.
+    let r = agent.deploy_artifact(&good)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["component"]["name"], "thermostat");
+    assert_eq!(
+        r.body["component"]["signer"].as_str(),
+        Some(key.public().to_string().as_str())
+    );
+
+    // Revoke the key: after a restart, a redeploy of the same artifact is refused, while
+    // the component already accepted keeps running from the store.
+    agent.stop()?;
+    let agent = Perchd::start(
+        dir.path(),
+        Launch {
+            extra_config: signing(&[&key], &[&key]),
+            ..Launch::default()
+        },
+    )?;
+    let r = agent.deploy_artifact(&good)?;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(
+        error_message(&r.body),
+        format!(
+            "component `thermostat` refused: the component is signed by key {}, which this agent's config revokes",
+            key.public()
+        )
+    );
+    Ok(())
+}
+
+#[test]
+fn grants_are_enforced_by_name() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let key = SecretKey::generate().map_err(anyhow::Error::msg)?;
+    let agent = Perchd::start(
+        dir.path(),
+        Launch {
+            extra_config: format!("{}allow-unsigned = true\n", signing(&[&key], &[])),
+            ..Launch::default()
+        },
+    )?;
+
+    // The thermostat with its manifest: reads the sensor, drives the fan, publishes
+    // telemetry, answers HTTP. Nothing is denied.
+    let r = agent.deploy_artifact(&thermostat(Some(&key))?)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let records = agent.wait_for(Duration::from_secs(20), "thermostat telemetry", |a| {
+        let t = a.get("/v1/telemetry?limit=10")?;
+        let mine: Vec<Value> = t
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["component"] == "thermostat")
+            .cloned()
+            .collect();
+        Ok((mine.len() >= 2).then_some(mine))
+    })?;
+    assert_eq!(records[0]["stream"], "climate");
+    let payload: Value = serde_json::from_str(records[0]["payload"].as_str().unwrap_or(""))?;
+    assert!(payload["t"].as_f64().is_some(), "{payload}");
+    let state = agent.request("GET", "/thermostat", None)?;
+    assert_eq!(state.status, 200, "{}", state.body);
+    assert!(state.body["fan"].is_boolean(), "{}", state.body);
+    let c = agent.component("thermostat")?;
+    assert_eq!(c["denied"].as_u64(), Some(0), "{c}");
+    assert_eq!(c["grants"]["gpio"]["write"][0], "fan");
+
+    // The same code with a manifest that grants no GPIO: every fan write is denied with a
+    // WIT error the component returns, and counted; the agent and the sensor read go on.
+    let narrowed = artifact(
+        examples::THERMOSTAT,
+        &repo_root().join("examples/thermostat/Cargo.toml"),
+        Some(&key),
+        |m| {
+            m.name = "no-fan".into();
+            m.grants.gpio = Default::default();
+            m.triggers.retain(|t| !matches!(t, perch_core::Trigger::Http(_)));
+            m.config.insert("threshold-c".into(), "-100".into());
+        },
+    )?;
+    let r = agent.deploy_artifact(&narrowed)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let c = agent.wait_for(Duration::from_secs(20), "a denied fan write", |a| {
+        let c = a.component("no-fan")?;
+        Ok((c["denied"].as_u64() >= Some(1)).then_some(c))
+    })?;
+    assert_eq!(
+        c["last-error"]["message"].as_str(),
+        Some("returned an error: denied: gpio.write: line `fan` is not granted to `no-fan`"),
+        "{c}"
+    );
+
+    // A hand-built component (plain cargo, no manifest) that writes the fan: it runs, and
+    // every write is denied at run time.
+    let r = agent.deploy("ungranted", &examples::bytes(examples::UNGRANTED), "every=50ms")?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let c = agent.wait_for(Duration::from_secs(20), "denied calls", |a| {
+        let c = a.component("ungranted")?;
+        Ok((c["denied"].as_u64() >= Some(2)).then_some(c))
+    })?;
+    assert_eq!(c["state"], "running", "{c}");
+    let logs = agent.get("/v1/components/ungranted/logs?limit=20")?;
+    assert!(
+        logs.to_string()
+            .contains("denied gpio.write: line `fan` is not granted to `ungranted`"),
+        "{logs}"
+    );
+    let metrics = agent.request("GET", "/metrics", None)?;
+    assert!(
+        metrics.body.as_str().unwrap_or_default().contains(
+            "perch_component_denied_total{component=\"ungranted\"}"
+        ),
+        "{}",
+        metrics.body
+    );
+
+    // Grants naming hardware the board lacks are refused at deploy time, naming what it has.
+    let unknown = artifact(
+        examples::THERMOSTAT,
+        &repo_root().join("examples/thermostat/Cargo.toml"),
+        Some(&key),
+        |m| {
+            m.name = "lost".into();
+            m.triggers.retain(|t| !matches!(t, perch_core::Trigger::Http(_)));
+            m.grants.sensors.insert("basement-temp".into());
+        },
+    )?;
+    let r = agent.deploy_artifact(&unknown)?;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.to_string().contains(
+            "component `lost` is granted sensor `basement-temp`, which board `sim` does not have (its sensors: humidity, room-temp)"
+        ),
+        "{}",
+        r.body
+    );
+
+    // A desired state may narrow a component's grants but never widen them.
+    let desired = agent.get("/v1/desired")?;
+    let digest = desired["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "no-fan")
+        .map(|c| c["digest"].clone())
+        .ok_or_else(|| anyhow::anyhow!("no-fan in {desired}"))?;
+    let widen = serde_json::json!({
+        "components": [{
+            "name": "no-fan",
+            "digest": digest,
+            "grants": { "gpio": { "write": ["fan"] } }
+        }]
+    });
+    let r = agent.request("PUT", "/v1/desired", Some(widen.to_string().into_bytes()))?;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(
+        r.body.to_string().contains(
+            "component `no-fan`: grants may only narrow what its manifest grants; not in the manifest: gpio.write `fan`"
+        ),
+        "{}",
+        r.body
+    );
+    Ok(())
+}
