@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: builds perchd and the example components, starts perchd on the simulated
-# board (offline, no broker), deploys the examples through its local API and keeps running
-# until Ctrl-C. Run it again and the agent starts the same components from its cache.
+# The main job: builds perchd and the perch CLI, builds and signs the example components with
+# `perch build`, starts perchd on the simulated board (offline, no broker) trusting only that
+# signing key, deploys the examples with `perch deploy` and keeps running until Ctrl-C. Run it
+# again and the agent starts the same components from its cache.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,15 +12,27 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/perch/target}"
 listen="${PERCH_LISTEN:-127.0.0.1:7070}"
 state="${PERCH_STATE:-$repo/.perch}"
 api="http://$listen"
+# The demo's signing key lives with its state, not in the user's config dir.
+export PERCH_CONFIG_DIR="$state/config"
 
-cargo build --release -p perchd
-scripts/build-examples.sh "$state/examples"
+cargo build --release -p perchd -p perch
+perch="$CARGO_TARGET_DIR/release/perch"
+mkdir -p "$state/examples"
+"$perch" key show >/dev/null 2>&1 || "$perch" --quiet key new >/dev/null
+key="$("$perch" key show)"
+for example in timer http-hello misbehave thermostat; do
+    # Guests build in their own target dir: another profile and target than the agent.
+    CARGO_TARGET_DIR="$HOME/.cache/perch/examples-target" \
+        "$perch" build "examples/$example" --out "$state/examples/$example.wasm"
+done
 
-mkdir -p "$state"
 cat > "$state/perchd.toml" <<TOML
 data-dir = "$state/data"
 listen = "$listen"
 board = "sim"
+
+[signing]
+trusted-keys = ["$key"]
 TOML
 
 "$CARGO_TARGET_DIR/release/perchd" --config "$state/perchd.toml" &
@@ -28,27 +41,27 @@ trap 'kill -TERM $pid 2>/dev/null; wait $pid' INT TERM
 for _ in $(seq 200); do curl -fs "$api/v1/health" >/dev/null && break; sleep 0.05; done
 curl -fs "$api/v1/health" >/dev/null || { echo "perchd did not start" >&2; exit 1; }
 
-deploy() { # name file query: skipped when the same bytes already run under that name
-    local digest="sha256:$(sha256sum "$2" | cut -d' ' -f1)"
-    if curl -fs "$api/v1/components/$1" | grep -q "\"digest\":\"$digest\""; then
-        echo "  $1: already running from the cache"
-    else
-        curl -fsS -X PUT --data-binary "@$2" "$api/v1/components/$1?$3" >/dev/null
-        echo "  $1: deployed"
-    fi
-}
 echo "deploying the examples:"
-deploy timer "$state/examples/timer.wasm" "every=5s&startup=true"
-deploy hello "$state/examples/http-hello.wasm" "http=/hello"
-deploy misbehave "$state/examples/misbehave.wasm" "message=misbehave.%3E&timeout=500ms&memory=16MiB"
+for example in timer http-hello misbehave thermostat; do
+    file="$state/examples/$example.wasm"
+    digest="sha256:$(sha256sum "$file" | cut -d' ' -f1)"
+    if curl -fs "$api/v1/components" | grep -q "\"digest\":\"$digest\""; then
+        echo "  $example: already running from the cache"
+    else
+        "$perch" --quiet deploy "$file" --to "$api" >/dev/null
+        echo "  $example: deployed"
+    fi
+done
 
 cat <<TXT
 
 perchd is running (pid $pid, data in $state/data). Try:
-  curl $api/v1/status
+  $perch status --device $api
+  $perch logs thermostat --device $api --follow
+  curl $api/thermostat
   curl $api/hello
-  curl $api/v1/components/timer/logs
-  curl -X POST $api/v1/messages/misbehave.trap && curl $api/v1/components/misbehave
+  curl $api/v1/telemetry?limit=5
+  curl -X POST $api/v1/messages/misbehave.trap && $perch status --device $api
   curl $api/metrics
 Ctrl-C stops it; run scripts/run.sh again and it starts the same components from its cache.
 TXT

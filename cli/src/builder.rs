@@ -64,7 +64,9 @@ pub fn ensure_target(shell: &Shell, dir: &Path) -> Result<()> {
         .status()
         .context("running rustup")?;
     if !status.success() {
-        bail!("`rustup target add {TARGET}` failed; install the target and run `perch build` again");
+        bail!(
+            "`rustup target add {TARGET}` failed; install the target and run `perch build` again"
+        );
     }
     Ok(())
 }

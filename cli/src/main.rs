@@ -214,7 +214,10 @@ pub fn report(shell: &Shell, e: &anyhow::Error) {
                 m.problems.len(),
                 if m.problems.len() == 1 { "" } else { "s" }
             ),
-            &m.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            &m.problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
         );
     } else {
         let causes: Vec<String> = e.chain().skip(1).map(ToString::to_string).collect();
@@ -329,7 +332,10 @@ fn dispatch(shell: &Shell, cmd: Cmd) -> Result<()> {
         Cmd::Key { command } => match command {
             KeyCmd::New { force } => {
                 let key = keys::create(force)?;
-                shell.status("Created", format!("signing key {}", keys::key_path()?.display()));
+                shell.status(
+                    "Created",
+                    format!("signing key {}", keys::key_path()?.display()),
+                );
                 println!("{}", key.public());
                 Ok(())
             }
@@ -385,7 +391,10 @@ fn inspect(file: &std::path::Path, json: bool) -> Result<()> {
             let verdict = if !s.valid {
                 "INVALID: the signature does not verify".to_string()
             } else if s.signed_digest != s.actual_digest {
-                format!("MODIFIED after signing: the bytes hash to {}", s.actual_digest)
+                format!(
+                    "MODIFIED after signing: the bytes hash to {}",
+                    s.actual_digest
+                )
             } else if !s.last {
                 "sections were appended after the signature".to_string()
             } else {
@@ -424,7 +433,10 @@ fn logs(device: &remote::Device, name: &str, n: usize, follow: bool, json: bool)
         print(l);
         last = last.max(l["at-ms"].as_u64().unwrap_or(0));
     }
-    while follow {
+    if !follow {
+        return Ok(());
+    }
+    loop {
         std::thread::sleep(std::time::Duration::from_millis(500));
         let lines = device.logs(name, 200)?;
         for l in lines.as_array().into_iter().flatten() {
@@ -435,5 +447,4 @@ fn logs(device: &remote::Device, name: &str, n: usize, follow: bool, json: bool)
             }
         }
     }
-    Ok(())
 }

@@ -160,10 +160,7 @@ pub fn print_component(c: &Value) {
     if let Some(g) = c["grants"].as_object().filter(|g| !g.is_empty()) {
         anstream::println!("  grants:   {}", Value::Object(g.clone()));
     }
-    anstream::println!(
-        "  signer:   {}",
-        c["signer"].as_str().unwrap_or("unsigned")
-    );
+    anstream::println!("  signer:   {}", c["signer"].as_str().unwrap_or("unsigned"));
     if let Some(e) = c["last-error"]["message"].as_str() {
         anstream::println!("  last error: {e}");
     }
@@ -205,14 +202,7 @@ pub fn print_status(s: &Value) {
     }
     table(
         &[
-            "NAME",
-            "STATE",
-            "TRIGGERS",
-            "CALLS",
-            "FAILED",
-            "DENIED",
-            "MEMORY",
-            "SIGNER",
+            "NAME", "STATE", "TRIGGERS", "CALLS", "FAILED", "DENIED", "MEMORY", "SIGNER",
         ],
         &rows,
     );

@@ -46,10 +46,12 @@ pub fn run(shell: &Shell, opts: RunOptions) -> Result<()> {
             tmp.path().to_path_buf()
         }
     };
-    let mut config = AgentConfig::default();
-    config.data_dir = state.join("data");
-    config.listen = opts.listen;
-    config.board = opts.board.clone();
+    let mut config = AgentConfig {
+        data_dir: state.join("data"),
+        listen: opts.listen,
+        board: opts.board.clone(),
+        ..AgentConfig::default()
+    };
     // The developer's own builds, on their own machine.
     config.signing.allow_unsigned = true;
 
@@ -80,7 +82,11 @@ pub fn run(shell: &Shell, opts: RunOptions) -> Result<()> {
         };
         shell.status(
             "Running",
-            format!("agent on http://{addr} (board `{}`, state in {})", config.board, state.display()),
+            format!(
+                "agent on http://{addr} (board `{}`, state in {})",
+                config.board,
+                state.display()
+            ),
         );
 
         let result = drive(shell, &agent, &opts, is_wasm).await;

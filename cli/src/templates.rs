@@ -191,7 +191,10 @@ pub fn create(dir: &Path, name: &str, template: Template) -> Result<PathBuf> {
     }
     let root = dir.join(name);
     if root.exists() {
-        bail!("{} already exists; pick another name or directory", root.display());
+        bail!(
+            "{} already exists; pick another name or directory",
+            root.display()
+        );
     }
     let (metadata, lib) = match template {
         Template::Timer => timer(),

@@ -573,7 +573,11 @@ pub mod http {
         /// assert_eq!(r.body, b"ok\n");
         /// ```
         pub fn text(status: u16, body: impl Into<String>) -> Self {
-            Self::new(status, "text/plain; charset=utf-8", body.into().into_bytes())
+            Self::new(
+                status,
+                "text/plain; charset=utf-8",
+                body.into().into_bytes(),
+            )
         }
 
         /// An `application/json` response; `body` must already be JSON.

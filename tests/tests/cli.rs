@@ -65,7 +65,9 @@ fn a_new_user_goes_from_nothing_to_a_running_sensor_component() -> TestResult {
     std::fs::create_dir_all(&work)?;
 
     // 1. A crate from the sensor template: exactly two files.
-    run(perch(&cfg).args(["new", "demo", "--template", "sensor", "--dir"]).arg(&work))?;
+    run(perch(&cfg)
+        .args(["new", "demo", "--template", "sensor", "--dir"])
+        .arg(&work))?;
     let demo = work.join("demo");
     assert_eq!(files_under(&demo), ["Cargo.toml", "src/lib.rs"]);
     let written = (
@@ -93,7 +95,11 @@ fn a_new_user_goes_from_nothing_to_a_running_sensor_component() -> TestResult {
 
     // 3. Build: compiles for wasm32-wasip2, checks grants, embeds the manifest, signs.
     let artifact = home.path().join("demo.wasm");
-    let out = run(perch(&cfg).arg("build").arg(&demo).arg("--out").arg(&artifact))?;
+    let out = run(perch(&cfg)
+        .arg("build")
+        .arg(&demo)
+        .arg("--out")
+        .arg(&artifact))?;
     assert!(out.contains("Finished"), "{out}");
     assert!(out.contains("signed by"), "{out}");
 
@@ -107,16 +113,23 @@ fn a_new_user_goes_from_nothing_to_a_running_sensor_component() -> TestResult {
         &public,
         "valid, and covers every byte before it",
     ] {
-        assert!(shown.contains(expected), "missing {expected:?} in:\n{shown}");
+        assert!(
+            shown.contains(expected),
+            "missing {expected:?} in:\n{shown}"
+        );
     }
-    let json: Value = serde_json::from_str(&run(
-        perch(&cfg).arg("inspect").arg(&artifact).arg("--json"),
-    )?)?;
+    let json: Value = serde_json::from_str(&run(perch(&cfg)
+        .arg("inspect")
+        .arg(&artifact)
+        .arg("--json"))?)?;
     assert_eq!(json["manifest"]["name"], "demo");
     assert_eq!(json["signature"]["valid"], true);
 
     // 5. Deploy to the running agent; it reports the component running.
-    let out = run(perch(&cfg).arg("deploy").arg(&artifact).args(["--to", &url]))?;
+    let out = run(perch(&cfg)
+        .arg("deploy")
+        .arg(&artifact)
+        .args(["--to", &url]))?;
     assert!(out.contains("Deployed"), "{out}");
     assert!(out.contains("demo running"), "{out}");
 
@@ -147,8 +160,9 @@ fn a_new_user_goes_from_nothing_to_a_running_sensor_component() -> TestResult {
     let table = run(perch(&cfg).args(["status", "--device", &url]))?;
     assert!(table.contains("NAME") && table.contains("demo"), "{table}");
     assert!(table.contains("running"), "{table}");
-    let status: Value =
-        serde_json::from_str(&run(perch(&cfg).args(["status", "--json", "--device", &url]))?)?;
+    let status: Value = serde_json::from_str(&run(
+        perch(&cfg).args(["status", "--json", "--device", &url])
+    )?)?;
     assert_eq!(status["components"][0]["name"], "demo");
     assert_eq!(status["components"][0]["signer"], public.as_str());
     let logs = run(perch(&cfg).args(["logs", "demo", "--device", &url]))?;
@@ -237,16 +251,20 @@ fn completions_and_help_follow_cargo_conventions() -> TestResult {
     let bash = run(perch(home.path()).args(["completions", "bash"]))?;
     assert!(bash.contains("_perch()"), "{bash}");
     let help = run(perch(home.path()).arg("help"))?;
-    for cmd in ["new", "build", "inspect", "run", "deploy", "status", "logs", "key"] {
+    for cmd in [
+        "new", "build", "inspect", "run", "deploy", "status", "logs", "key",
+    ] {
         assert!(help.contains(cmd), "missing {cmd} in:\n{help}");
     }
     // Usage errors exit with 2, failures with 1, and name what was wrong.
     let (status, out) = run_capture(perch(home.path()).args(["deploy", "x.wasm"]))?;
     assert_eq!(status.code(), Some(2), "{out}");
-    let (status, out) = run_capture(
-        perch(home.path()).args(["status", "--device", "http://127.0.0.1:9"]),
-    )?;
+    let (status, out) =
+        run_capture(perch(home.path()).args(["status", "--device", "http://127.0.0.1:9"]))?;
     assert_eq!(status.code(), Some(1), "{out}");
-    assert!(out.contains("cannot reach the agent at http://127.0.0.1:9"), "{out}");
+    assert!(
+        out.contains("cannot reach the agent at http://127.0.0.1:9"),
+        "{out}"
+    );
     Ok(())
 }

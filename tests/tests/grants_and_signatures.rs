@@ -25,7 +25,10 @@ fn signing(trusted: &[&SecretKey], revoked: &[&SecretKey]) -> String {
 }
 
 fn error_message(body: &Value) -> String {
-    body["error"]["message"].as_str().unwrap_or_default().to_string()
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn thermostat(key: Option<&SecretKey>) -> anyhow::Result<Vec<u8>> {
@@ -163,7 +166,8 @@ fn grants_are_enforced_by_name() -> TestResult {
         |m| {
             m.name = "no-fan".into();
             m.grants.gpio = Default::default();
-            m.triggers.retain(|t| !matches!(t, perch_core::Trigger::Http(_)));
+            m.triggers
+                .retain(|t| !matches!(t, perch_core::Trigger::Http(_)));
             m.config.insert("threshold-c".into(), "-100".into());
         },
     )?;
@@ -181,7 +185,11 @@ fn grants_are_enforced_by_name() -> TestResult {
 
     // A hand-built component (plain cargo, no manifest) that writes the fan: it runs, and
     // every write is denied at run time.
-    let r = agent.deploy("ungranted", &examples::bytes(examples::UNGRANTED), "every=50ms")?;
+    let r = agent.deploy(
+        "ungranted",
+        &examples::bytes(examples::UNGRANTED),
+        "every=50ms",
+    )?;
     assert_eq!(r.status, 201, "{}", r.body);
     let c = agent.wait_for(Duration::from_secs(20), "denied calls", |a| {
         let c = a.component("ungranted")?;
@@ -196,9 +204,11 @@ fn grants_are_enforced_by_name() -> TestResult {
     );
     let metrics = agent.request("GET", "/metrics", None)?;
     assert!(
-        metrics.body.as_str().unwrap_or_default().contains(
-            "perch_component_denied_total{component=\"ungranted\"}"
-        ),
+        metrics
+            .body
+            .as_str()
+            .unwrap_or_default()
+            .contains("perch_component_denied_total{component=\"ungranted\"}"),
         "{}",
         metrics.body
     );
@@ -210,7 +220,8 @@ fn grants_are_enforced_by_name() -> TestResult {
         Some(&key),
         |m| {
             m.name = "lost".into();
-            m.triggers.retain(|t| !matches!(t, perch_core::Trigger::Http(_)));
+            m.triggers
+                .retain(|t| !matches!(t, perch_core::Trigger::Http(_)));
             m.grants.sensors.insert("basement-temp".into());
         },
     )?;

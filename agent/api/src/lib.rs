@@ -272,10 +272,7 @@ async fn deploy_component(
     deploy(s, Some(name), q, body).await
 }
 
-async fn telemetry(
-    State(s): State<ApiState>,
-    RawQuery(q): RawQuery,
-) -> Result<Response, ApiError> {
+async fn telemetry(State(s): State<ApiState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     let mut limit = 100;
     for (k, v) in parse_query(q)? {
         match k.as_str() {

@@ -128,19 +128,17 @@ pub fn sections(bytes: &[u8]) -> Result<Vec<Section>, ArtifactError> {
         let (name, payload) = if id == 0 {
             let mut p = pos;
             let len = read_leb_u32(bytes, &mut p)? as usize;
-            let name_end = p
-                .checked_add(len)
-                .filter(|e| *e <= end)
-                .ok_or_else(|| ArtifactError::Malformed {
-                    offset: start,
-                    reason: "custom section name runs past the section".into(),
-                })?;
-            let name = std::str::from_utf8(&bytes[p..name_end]).map_err(|_| {
+            let name_end = p.checked_add(len).filter(|e| *e <= end).ok_or_else(|| {
                 ArtifactError::Malformed {
                     offset: start,
-                    reason: "custom section name is not UTF-8".into(),
+                    reason: "custom section name runs past the section".into(),
                 }
             })?;
+            let name =
+                std::str::from_utf8(&bytes[p..name_end]).map_err(|_| ArtifactError::Malformed {
+                    offset: start,
+                    reason: "custom section name is not UTF-8".into(),
+                })?;
             (Some(name.to_string()), name_end..end)
         } else {
             (None, pos..end)
@@ -266,7 +264,9 @@ pub fn inspect(bytes: &[u8]) -> Result<Artifact, ArtifactError> {
         .iter()
         .rfind(|s| s.name.as_deref() == Some(MANIFEST_SECTION))
     {
-        Some(s) => Some(Manifest::from_section(&bytes[s.payload.clone()]).map_err(ArtifactError::Manifest)?),
+        Some(s) => Some(
+            Manifest::from_section(&bytes[s.payload.clone()]).map_err(ArtifactError::Manifest)?,
+        ),
         None => None,
     };
     let signature = match secs
@@ -277,10 +277,12 @@ pub fn inspect(bytes: &[u8]) -> Result<Artifact, ArtifactError> {
             let raw: SignatureSection = serde_json::from_slice(&bytes[secs[i].payload.clone()])
                 .map_err(|e| ArtifactError::SignatureSection(e.to_string()))?;
             let key: PublicKey = raw.key.parse().map_err(ArtifactError::SignatureSection)?;
-            let signed_digest: Digest = raw
-                .signed_digest
-                .parse()
-                .map_err(|e: perch_core::DigestError| ArtifactError::SignatureSection(e.to_string()))?;
+            let signed_digest: Digest =
+                raw.signed_digest
+                    .parse()
+                    .map_err(|e: perch_core::DigestError| {
+                        ArtifactError::SignatureSection(e.to_string())
+                    })?;
             let sig_bytes: [u8; 64] = B64
                 .decode(raw.signature.as_bytes())
                 .ok()
@@ -289,7 +291,7 @@ pub fn inspect(bytes: &[u8]) -> Result<Artifact, ArtifactError> {
                     ArtifactError::SignatureSection("the signature is not 64 base64 bytes".into())
                 })?;
             let sig = ed25519_dalek::Signature::from_bytes(&sig_bytes);
-            let valid = key.0.verify_strict(&message(&signed_digest), &sig).is_ok();
+            let valid = key.verifies(&message(&signed_digest), &sig);
             Some(SignatureInfo {
                 key,
                 signed_digest,
@@ -355,12 +357,17 @@ pub fn interface_names(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), Artif
 
 /// An ed25519 public key, written `ed25519:<base64>`.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct PublicKey(VerifyingKey);
+pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
+    /// Whether `signature` is a valid (strict) ed25519 signature of `message` by this key.
+    fn verifies(&self, message: &[u8], signature: &ed25519_dalek::Signature) -> bool {
+        VerifyingKey::from_bytes(&self.0).is_ok_and(|k| k.verify_strict(message, signature).is_ok())
+    }
+
     /// A short, stable id for display: the first 8 bytes of the key's sha256, in hex.
     pub fn id(&self) -> String {
-        let digest = Digest::of(self.0.as_bytes()).to_string();
+        let digest = Digest::of(&self.0).to_string();
         digest
             .strip_prefix("sha256:")
             .unwrap_or(&digest)
@@ -372,7 +379,7 @@ impl PublicKey {
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{KEY_PREFIX}{}", B64.encode(self.0.as_bytes()))
+        write!(f, "{KEY_PREFIX}{}", B64.encode(self.0))
     }
 }
 
@@ -397,7 +404,9 @@ impl FromStr for PublicKey {
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or_else(bad)?;
-        VerifyingKey::from_bytes(&raw).map(Self).map_err(|_| bad())
+        VerifyingKey::from_bytes(&raw)
+            .map(|_| Self(raw))
+            .map_err(|_| bad())
     }
 }
 
@@ -434,7 +443,7 @@ impl SecretKey {
 
     /// The matching public key.
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key())
+        PublicKey(self.0.verifying_key().to_bytes())
     }
 
     /// The key file's content.
@@ -511,9 +520,7 @@ pub fn verify(bytes: &[u8], policy: &TrustPolicy) -> Result<Option<PublicKey>, S
             Err(SignatureError::Unsigned)
         };
     };
-    let info = inspect(bytes)?
-        .signature
-        .ok_or(SignatureError::Unsigned)?;
+    let info = inspect(bytes)?.signature.ok_or(SignatureError::Unsigned)?;
     if i + 1 != secs.len() {
         return Err(SignatureError::NotLast);
     }
@@ -649,7 +656,10 @@ mod tests {
             &key,
         )
         .expect("sign");
-        let graft = sections(&other).expect("sections").pop().expect("signature");
+        let graft = sections(&other)
+            .expect("sections")
+            .pop()
+            .expect("signature");
         let mut forged = strip(&bytes, &[SIGNATURE_SECTION]).expect("strip");
         forged.extend_from_slice(&other[graft.range]);
         assert!(matches!(

@@ -441,11 +441,8 @@ mod tests {
     #[test]
     fn signing_keys_are_checked() {
         let good = "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
-        let cfg = AgentConfig::from_toml(
-            &format!("[signing]\ntrusted-keys = [\"{good}\"]\n"),
-            "t",
-        )
-        .expect("valid");
+        let cfg = AgentConfig::from_toml(&format!("[signing]\ntrusted-keys = [\"{good}\"]\n"), "t")
+            .expect("valid");
         assert_eq!(cfg.signing.trusted_keys, [good]);
         assert!(!cfg.signing.allow_unsigned);
         let err = AgentConfig::from_toml(

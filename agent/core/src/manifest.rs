@@ -175,7 +175,9 @@ impl Manifest {
                         manifest.triggers.push(t);
                     }
                 }
-                if manifest.triggers.is_empty() && !root.problems.iter().any(|p| p.key.contains("triggers")) {
+                if manifest.triggers.is_empty()
+                    && !root.problems.iter().any(|p| p.key.contains("triggers"))
+                {
                     root.problem(
                         "triggers",
                         "is empty: list at least one trigger, e.g. `triggers = [{ every = \"5s\" }]`",
@@ -266,7 +268,10 @@ fn parse_trigger(root: &mut Walker<'_>, key: &str, item: toml::Value) -> Option<
             Some(s) if kind == "http" => Trigger::Http(s),
             Some(s) => Trigger::Message(s),
             None => {
-                root.problem(&here, format!("expected a string, found {}", value.type_str()));
+                root.problem(
+                    &here,
+                    format!("expected a string, found {}", value.type_str()),
+                );
                 return None;
             }
         },
@@ -333,8 +338,7 @@ fn take_names(w: &mut Walker<'_>, key: &str, example: &str) -> BTreeSet<String> 
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_NAME
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
 
@@ -466,8 +470,11 @@ pub fn import_need(import: &str) -> ImportNeed {
         "perch:device/sensors" => ImportNeed::Grant("sensors"),
         "perch:device/telemetry" => ImportNeed::Grant("telemetry"),
         "wasi:http/outgoing-handler" => ImportNeed::Grant("http"),
-        "perch:device/types" | "perch:device/log" | "perch:device/kv"
-        | "perch:device/messaging" | "perch:device/config" => ImportNeed::Free,
+        "perch:device/types"
+        | "perch:device/log"
+        | "perch:device/kv"
+        | "perch:device/messaging"
+        | "perch:device/config" => ImportNeed::Free,
         _ => {
             let package = name.split('/').next().unwrap_or_default();
             let wasi = [
@@ -603,7 +610,9 @@ limits   = { memory = "16MiB", timeout = "200ms" }
     fn a_misspelled_trigger_kind_names_the_key_and_the_fix() {
         assert_eq!(
             problems(r#"triggers = [{ every = "5s" }, { evry = "5s" }]"#),
-            ["package.metadata.perch.triggers[1]: unknown trigger kind `evry`; did you mean `every`?"]
+            [
+                "package.metadata.perch.triggers[1]: unknown trigger kind `evry`; did you mean `every`?"
+            ]
         );
     }
 
@@ -625,11 +634,15 @@ grants = { sensor = ["room-temp"], camera = ["front"] }"#
     fn a_bad_duration_names_the_key_and_the_fix() {
         assert_eq!(
             problems(r#"triggers = [{ every = "5 sec" }]"#),
-            ["package.metadata.perch.triggers[0].every: `5 sec` is not a duration: write a number and a unit (ms, s, m, h), e.g. `200ms` or `5s`"]
+            [
+                "package.metadata.perch.triggers[0].every: `5 sec` is not a duration: write a number and a unit (ms, s, m, h), e.g. `200ms` or `5s`"
+            ]
         );
         assert_eq!(
             problems(r#"triggers = [{ every = 5 }]"#),
-            ["package.metadata.perch.triggers[0].every: `5` has no unit: write a duration string such as `\"5s\"` or `\"200ms\"`"]
+            [
+                "package.metadata.perch.triggers[0].every: `5` has no unit: write a duration string such as `\"5s\"` or `\"200ms\"`"
+            ]
         );
     }
 

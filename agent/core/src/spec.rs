@@ -315,7 +315,9 @@ impl Grants {
         diff("gpio.read", &self.gpio.read, &|n| wider.gpio_read(n));
         diff("gpio.write", &self.gpio.write, &|n| wider.gpio_write(n));
         diff("sensors", &self.sensors, &|n| wider.sensors.contains(n));
-        diff("telemetry", &self.telemetry, &|n| wider.telemetry.contains(n));
+        diff("telemetry", &self.telemetry, &|n| {
+            wider.telemetry.contains(n)
+        });
         diff("http", &self.http, &|n| wider.http.contains(n));
         extra
     }
@@ -478,9 +480,11 @@ mod tests {
         assert!(wide.gpio_read("button") && !wide.gpio_write("button"));
         let narrow: Grants = toml::from_str(r#"gpio = { read = ["fan"] }"#).expect("grants");
         assert!(narrow.beyond(&wide).is_empty());
-        let wider: Grants =
-            toml::from_str(r#"gpio = { write = ["button"] }
-sensors = ["door"]"#).expect("grants");
+        let wider: Grants = toml::from_str(
+            r#"gpio = { write = ["button"] }
+sensors = ["door"]"#,
+        )
+        .expect("grants");
         assert_eq!(
             wider.beyond(&wide),
             ["gpio.write `button`", "sensors `door`"]

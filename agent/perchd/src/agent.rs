@@ -201,7 +201,9 @@ impl Agent {
     ) -> Result<Arc<Self>, StartError> {
         let trust = trust_policy(&config).map_err(StartError::Signing)?;
         if trust.allow_unsigned {
-            tracing::warn!("unsigned components are accepted (`allow-unsigned` in [signing]): for development only");
+            tracing::warn!(
+                "unsigned components are accepted (`allow-unsigned` in [signing]): for development only"
+            );
         }
         let runtime = Runtime::new(config.clone(), store.clone())?;
         // Artifacts compiled by another engine (an agent upgrade) can never load again.

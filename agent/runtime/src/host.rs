@@ -65,7 +65,8 @@ impl ComponentCtx {
         self.denied.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(component = %self.name, interface, resource = %what, "call denied: no grant");
         let message = format!("{interface}: {what} is not granted to `{}`", self.name);
-        self.log.push(LogLevel::Warn, "agent", format!("denied {message}"));
+        self.log
+            .push(LogLevel::Warn, "agent", format!("denied {message}"));
         GuestError::Denied(message)
     }
 }
@@ -317,10 +318,7 @@ impl perch::device::gpio::Host for Host {
 }
 
 impl perch::device::sensors::Host for Host {
-    fn read(
-        &mut self,
-        sensor: String,
-    ) -> Result<perch::device::sensors::Reading, GuestError> {
+    fn read(&mut self, sensor: String) -> Result<perch::device::sensors::Reading, GuestError> {
         if !self.ctx.grants.sensors.contains(&sensor) {
             return Err(self.ctx.deny("sensors.read", format!("sensor `{sensor}`")));
         }
@@ -336,7 +334,9 @@ impl perch::device::sensors::Host for Host {
 impl perch::device::telemetry::Host for Host {
     fn publish(&mut self, stream: String, payload: Vec<u8>) -> Result<u64, GuestError> {
         if !self.ctx.grants.telemetry.contains(&stream) {
-            return Err(self.ctx.deny("telemetry.publish", format!("stream `{stream}`")));
+            return Err(self
+                .ctx
+                .deny("telemetry.publish", format!("stream `{stream}`")));
         }
         if payload.len() > MAX_MESSAGE {
             return Err(GuestError::Invalid(format!(

@@ -918,12 +918,14 @@ impl Store for SledStore {
             || {
                 let mut out = Vec::new();
                 for item in self.outbox.iter().rev().take(limit) {
-                    let (key, value) = item.map_err(sled_err(|| "reading the outbox".to_string()))?;
+                    let (key, value) =
+                        item.map_err(sled_err(|| "reading the outbox".to_string()))?;
                     let seq = outbox_seq(&key)?;
-                    let record = OutboxRecord::decode(&value).ok_or_else(|| StoreError::Corrupt {
-                        what: format!("outbox record {seq}"),
-                        detail: "its frame does not decode".into(),
-                    })?;
+                    let record =
+                        OutboxRecord::decode(&value).ok_or_else(|| StoreError::Corrupt {
+                            what: format!("outbox record {seq}"),
+                            detail: "its frame does not decode".into(),
+                        })?;
                     out.push((seq, record));
                 }
                 out.reverse();
