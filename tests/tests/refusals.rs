@@ -58,7 +58,8 @@ fn bad_components_are_refused_and_the_agent_keeps_running() -> anyhow::Result<()
     let r = agent.deploy("x", &timer[..timer.len() / 2], "every=1s")?;
     assert_eq!(r.status, 422, "{}", r.body);
     assert!(
-        error_message(&r).contains("is not a valid component"),
+        error_message(&r).contains("malformed component at byte")
+            && error_message(&r).contains("(truncated file?)"),
         "{}",
         r.body
     );
