@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result};
 
+use perch_artifact::SecretKey;
 use perch_core::command::LogLine;
 use perch_core::{AgentConfig, Command, CommandHandler, Limits, Reply};
 use perchd::Agent;
@@ -52,8 +53,14 @@ pub fn run(shell: &Shell, opts: RunOptions) -> Result<()> {
         board: opts.board.clone(),
         ..AgentConfig::default()
     };
-    // The developer's own builds, on their own machine.
-    config.signing.allow_unsigned = true;
+    // The agent trusts the developer's own key; a hand-built `.wasm` may be unsigned.
+    let key = if is_wasm {
+        crate::keys::load()?
+    } else {
+        Some(crate::keys::load_or_create(shell)?)
+    };
+    config.signing.trusted_keys = key.iter().map(|k| k.public().to_string()).collect();
+    config.signing.allow_unsigned = is_wasm;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -89,7 +96,7 @@ pub fn run(shell: &Shell, opts: RunOptions) -> Result<()> {
             ),
         );
 
-        let result = drive(shell, &agent, &opts, is_wasm).await;
+        let result = drive(shell, &agent, &opts, is_wasm, key.as_ref()).await;
         let _ = stop_tx.send(true);
         let _ = server.await;
         agent.shutdown();
@@ -97,8 +104,14 @@ pub fn run(shell: &Shell, opts: RunOptions) -> Result<()> {
     })
 }
 
-async fn drive(shell: &Shell, agent: &Arc<Agent>, opts: &RunOptions, is_wasm: bool) -> Result<()> {
-    let mut name = deploy_once(shell, agent, &opts.path, is_wasm).await;
+async fn drive(
+    shell: &Shell,
+    agent: &Arc<Agent>,
+    opts: &RunOptions,
+    is_wasm: bool,
+    key: Option<&SecretKey>,
+) -> Result<()> {
+    let mut name = deploy_once(shell, agent, &opts.path, is_wasm, key).await;
     let mut stamp = if opts.watch {
         Some(sources_stamp(&opts.path))
     } else {
@@ -127,7 +140,7 @@ async fn drive(shell: &Shell, agent: &Arc<Agent>, opts: &RunOptions, is_wasm: bo
             if now != old {
                 stamp = Some(now);
                 shell.status("Rebuilding", "a source file changed");
-                if let Some(n) = deploy_once(shell, agent, &opts.path, is_wasm).await {
+                if let Some(n) = deploy_once(shell, agent, &opts.path, is_wasm, key).await {
                     name = Some(n);
                 }
             }
@@ -142,6 +155,7 @@ async fn deploy_once(
     agent: &Arc<Agent>,
     path: &Path,
     is_wasm: bool,
+    key: Option<&SecretKey>,
 ) -> Option<String> {
     let bytes = if is_wasm {
         match std::fs::read(path) {
@@ -154,8 +168,8 @@ async fn deploy_once(
     } else {
         let shell2 = *shell;
         let path2 = path.to_path_buf();
+        let key = key.cloned();
         let built = tokio::task::spawn_blocking(move || {
-            let key = crate::keys::load().ok().flatten();
             builder::build(&shell2, &path2, key.as_ref(), None)
         })
         .await;

@@ -268,3 +268,78 @@ fn completions_and_help_follow_cargo_conventions() -> TestResult {
     );
     Ok(())
 }
+
+/// Waits until `file` contains `needle`, or fails with what it holds.
+fn wait_for_text(file: &Path, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(text);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} after {timeout:?} in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn run_streams_logs_and_swaps_in_rebuilds_until_ctrl_c() -> TestResult {
+    let home = tempfile::tempdir()?;
+    let cfg = home.path().join("config");
+    run(perch(&cfg)
+        .args(["new", "ticker", "--template", "timer", "--dir"])
+        .arg(home.path()))?;
+    let krate = home.path().join("ticker");
+    // Tick fast so the test does not wait for the template's 5s.
+    let toml = std::fs::read_to_string(krate.join("Cargo.toml"))?
+        .replace("every = \"5s\"", "every = \"200ms\"");
+    std::fs::write(krate.join("Cargo.toml"), toml)?;
+
+    let out_path = home.path().join("run.out");
+    let out = std::fs::File::create(&out_path)?;
+    let port = perch_tests::free_port();
+    let mut child = perch(&cfg)
+        .arg("run")
+        .arg(&krate)
+        .arg("--watch")
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()?;
+    let result = (|| -> TestResult {
+        wait_for_text(&out_path, "guest  tick 2", Duration::from_secs(120))?;
+        // The in-process agent serves the same API as perchd.
+        let status: Value =
+            reqwest::blocking::get(format!("http://127.0.0.1:{port}/v1/status"))?.json()?;
+        assert_eq!(status["components"][0]["name"], "ticker", "{status}");
+
+        // Edit the source: the component is rebuilt and swapped in, and its kv count
+        // carries on across the swap.
+        let lib = std::fs::read_to_string(krate.join("src/lib.rs"))?
+            .replace("format!(\"tick {count}\")", "format!(\"TOCK {count}\")");
+        std::fs::write(krate.join("src/lib.rs"), lib)?;
+        let text = wait_for_text(&out_path, "guest  TOCK", Duration::from_secs(120))?;
+        assert!(text.contains("Rebuilding"), "{text}");
+        let first_tock: u64 = text
+            .lines()
+            .find_map(|l| l.split("guest  TOCK ").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no TOCK count in:\n{text}"))?;
+        assert!(first_tock > 2, "the count restarted:\n{text}");
+        Ok(())
+    })();
+    // Ctrl-C: a clean stop with exit code 0.
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(sent.success());
+    let status = child.wait()?;
+    result?;
+    let text = std::fs::read_to_string(&out_path)?;
+    assert!(status.success(), "{status}:\n{text}");
+    assert!(text.contains("Stopping"), "{text}");
+    Ok(())
+}

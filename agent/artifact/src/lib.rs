@@ -425,6 +425,7 @@ impl<'de> Deserialize<'de> for PublicKey {
 }
 
 /// An ed25519 signing key. Its file form is `ed25519-secret:<base64 seed>`.
+#[derive(Clone)]
 pub struct SecretKey(SigningKey);
 
 impl fmt::Debug for SecretKey {
