@@ -81,6 +81,16 @@ use __private::bindings::perch::device as host;
 ///
 /// Handlers return it to the agent, which logs it and counts a failure. Errors from the
 /// host keep their kind so a component can tell "not granted" from "device unplugged".
+///
+/// ```no_run
+/// use perch_sdk::{Error, gpio, log};
+///
+/// match gpio::write("fan", true) {
+///     Ok(()) => {}
+///     Err(Error::Denied(what)) => log::warn(format!("no fan for us: {what}")),
+///     Err(other) => log::error(other.to_string()),
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// The manifest does not grant this resource; the text names it.
@@ -142,9 +152,25 @@ fn from_host(e: host::types::Error) -> Error {
 }
 
 /// `Result` with [`Error`].
+///
+/// ```
+/// fn half(n: u32) -> perch_sdk::Result<u32> {
+///     if n % 2 == 1 {
+///         return Err(perch_sdk::Error::msg(format!("{n} is odd")));
+///     }
+///     Ok(n / 2)
+/// }
+/// assert_eq!(half(4).ok(), Some(2));
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A message from the local bus (or, when connected, the fleet).
+/// A message from the local bus (or, when connected, the fleet), as passed to
+/// [`App::on_message`].
+///
+/// ```
+/// let m = perch_sdk::Message { subject: "cmd.fan".into(), payload: b"on".to_vec() };
+/// assert!(m.subject.starts_with("cmd."));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     /// The subject it was published on.
@@ -266,6 +292,10 @@ macro_rules! export {
 }
 
 /// Log lines, kept per component by the agent (`perch logs NAME`).
+///
+/// ```no_run
+/// perch_sdk::log::info("started");
+/// ```
 pub mod log {
     use super::host::log::{Level, log};
 
@@ -316,6 +346,12 @@ pub mod log {
 }
 
 /// The component's own durable key-value namespace; it survives restarts and redeploys.
+///
+/// ```no_run
+/// perch_sdk::kv::set("mode", "auto")?;
+/// assert_eq!(perch_sdk::kv::get_string("mode")?.as_deref(), Some("auto"));
+/// # Ok::<(), perch_sdk::Error>(())
+/// ```
 pub mod kv {
     use super::{Result, host};
 
@@ -376,6 +412,11 @@ pub mod kv {
 }
 
 /// Config values: the manifest's `config` defaults overlaid with the deployment's.
+///
+/// ```no_run
+/// let threshold: f64 = perch_sdk::config::parse("threshold-c")?;
+/// # Ok::<(), perch_sdk::Error>(())
+/// ```
 pub mod config {
     use super::{Error, Result, host};
 
@@ -422,6 +463,12 @@ pub mod config {
 
 /// GPIO lines named by the board, granted in the manifest
 /// (`grants.gpio = { read = [...], write = [...] }`).
+///
+/// ```no_run
+/// let pressed = perch_sdk::gpio::read("button")?;
+/// perch_sdk::gpio::write("led", pressed)?;
+/// # Ok::<(), perch_sdk::Error>(())
+/// ```
 pub mod gpio {
     use super::{Result, host};
 
@@ -449,10 +496,20 @@ pub mod gpio {
 }
 
 /// Sensors named by the board, granted in the manifest (`grants.sensors = [...]`).
+///
+/// ```no_run
+/// let t = perch_sdk::sensors::read("room-temp")?.value;
+/// # Ok::<(), perch_sdk::Error>(())
+/// ```
 pub mod sensors {
     use super::{Result, host};
 
     /// One measurement.
+    ///
+    /// ```
+    /// let r = perch_sdk::sensors::Reading { value: 21.5, unit: "°C".into(), timestamp_ms: 0 };
+    /// assert!(r.value > 20.0);
+    /// ```
     #[derive(Debug, Clone, PartialEq)]
     pub struct Reading {
         /// The value in `unit`.
@@ -482,6 +539,11 @@ pub mod sensors {
 
 /// Durable telemetry, granted per stream (`grants.telemetry = [...]`). A publish returns
 /// once the record is on the device's disk; the agent forwards it when connected.
+///
+/// ```no_run
+/// perch_sdk::telemetry::publish("climate", r#"{"t":21.5}"#)?;
+/// # Ok::<(), perch_sdk::Error>(())
+/// ```
 pub mod telemetry {
     use super::{Result, host};
 
@@ -497,6 +559,11 @@ pub mod telemetry {
 }
 
 /// Messages on the agent's local bus (bridged to the fleet when connected).
+///
+/// ```no_run
+/// perch_sdk::messaging::publish("climate.alarm", "too hot")?;
+/// # Ok::<(), perch_sdk::Error>(())
+/// ```
 pub mod messaging {
     use super::{Result, host};
 
@@ -512,16 +579,44 @@ pub mod messaging {
 }
 
 /// HTTP requests and responses for [`App::on_http`].
+///
+/// ```
+/// use perch_sdk::http::{Request, Response};
+///
+/// fn handle(request: Request) -> Response {
+///     if request.method == "GET" {
+///         Response::json(200, r#"{"ok":true}"#)
+///     } else {
+///         Response::text(405, "GET only\n")
+///     }
+/// }
+/// let r = handle(Request { method: "PUT".into(), path: "/".into(), headers: vec![], body: vec![] });
+/// assert_eq!(r.status, 405);
+/// ```
 pub mod http {
     use wasip2::http::types::{
         Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
     };
     use wasip2::io::streams::StreamError;
 
-    /// Largest request body read into a [`Request`].
+    /// Largest request body read into a [`Request`]; a larger body gets `400`.
+    ///
+    /// ```
+    /// assert_eq!(perch_sdk::http::MAX_BODY, 4 << 20);
+    /// ```
     pub const MAX_BODY: usize = 4 << 20;
 
     /// A request, read whole.
+    ///
+    /// ```
+    /// let r = perch_sdk::Request {
+    ///     method: "POST".into(),
+    ///     path: "/thermostat?verbose=1".into(),
+    ///     headers: vec![],
+    ///     body: b"25.5".to_vec(),
+    /// };
+    /// assert_eq!(r.path.split('?').next(), Some("/thermostat"));
+    /// ```
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Request {
         /// `GET`, `POST`, ...
@@ -555,6 +650,11 @@ pub mod http {
     }
 
     /// A response.
+    ///
+    /// ```
+    /// let r = perch_sdk::Response { status: 204, headers: vec![], body: vec![] };
+    /// assert_eq!(r.status, 204);
+    /// ```
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Response {
         /// Status code.
