@@ -72,7 +72,7 @@ pub fn ensure_target(shell: &Shell, dir: &Path) -> Result<()> {
 }
 
 /// Runs `cargo build` for the component and returns the `.wasm` cargo produced.
-fn cargo_build(shell: &Shell, cargo_toml: &Path) -> Result<PathBuf> {
+pub fn cargo_build(shell: &Shell, cargo_toml: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--release", "--target", TARGET, "--lib"])
@@ -134,6 +134,7 @@ pub fn build(
     );
     let wasm = cargo_build(shell, &cargo_toml)?;
     let bytes = std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
+    let bytes = crate::compose::compose(shell, dir, bytes, &manifest)?;
     let (imports, _) = perch_artifact::interface_names(&bytes)
         .with_context(|| format!("{} is not a component", wasm.display()))?;
     let problems = check_imports(imports.iter().map(String::as_str), &manifest.grants);

@@ -10,6 +10,7 @@ use anyhow::Result;
 use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod builder;
+mod compose;
 mod keys;
 mod remote;
 mod run;

@@ -343,3 +343,76 @@ fn run_streams_logs_and_swaps_in_rebuilds_until_ctrl_c() -> TestResult {
     assert!(text.contains("Stopping"), "{text}");
     Ok(())
 }
+
+#[test]
+fn build_composes_the_components_named_in_the_manifest() -> TestResult {
+    let home = tempfile::tempdir()?;
+    let cfg = home.path().join("config");
+    let artifact = home.path().join("smoothed.wasm");
+    let out = run(perch(&cfg)
+        .arg("build")
+        .arg(repo_root().join("fixtures/smoothed"))
+        .arg("--out")
+        .arg(&artifact))?;
+    assert!(
+        out.contains("Composed smoothed with ../smoother (perch:fixture/smooth)"),
+        "{out}"
+    );
+    // One component: the plugged import is gone, the triggers' exports remain.
+    let json: Value = serde_json::from_str(&run(perch(&cfg)
+        .arg("inspect")
+        .arg(&artifact)
+        .arg("--json"))?)?;
+    let imports = json["imports"].to_string();
+    assert!(!imports.contains("perch:fixture/smooth"), "{imports}");
+    assert!(
+        json["exports"].to_string().contains("perch:device/timer"),
+        "{json}"
+    );
+
+    // It runs on an agent, calling into the plugged component.
+    let public = run(perch(&cfg).args(["key", "show"]))?.trim().to_string();
+    let agent_dir = tempfile::tempdir()?;
+    let agent = Perchd::start(
+        agent_dir.path(),
+        Launch {
+            extra_config: format!("[signing]\ntrusted-keys = [\"{public}\"]\n"),
+            ..Launch::default()
+        },
+    )?;
+    let r = agent.deploy_artifact(&std::fs::read(&artifact)?)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    agent.wait_for(Duration::from_secs(20), "mean 2.5 in the log", |a| {
+        let logs = a.get("/v1/components/smoothed/logs?limit=5")?;
+        Ok(logs.to_string().contains("mean 2.5").then_some(()))
+    })?;
+
+    // A plug that does not export the named interface is refused with both names.
+    let bad = home.path().join("bad");
+    std::fs::create_dir_all(bad.join("src"))?;
+    std::fs::write(bad.join("src/lib.rs"), "")?;
+    std::fs::write(
+        bad.join("Cargo.toml"),
+        format!(
+            r#"[package]
+name = "bad"
+version = "0.1.0"
+edition = "2024"
+
+[lib]
+crate-type = ["cdylib"]
+
+[package.metadata.perch]
+triggers = [{{ startup = true }}]
+
+[package.metadata.perch.compose]
+"perch:fixture/smooth" = "{}"
+"#,
+            artifact.display()
+        ),
+    )?;
+    let (status, out) = run_capture(perch(&cfg).arg("build").arg(&bad))?;
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("`bad` does not import it"), "{out}");
+    Ok(())
+}

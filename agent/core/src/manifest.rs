@@ -26,7 +26,7 @@ const TRIGGER_KINDS: &[&str] = &["every", "http", "message", "startup"];
 const GRANT_KINDS: &[&str] = &["gpio", "sensors", "telemetry", "http"];
 const GPIO_MODES: &[&str] = &["read", "write"];
 const LIMIT_KEYS: &[&str] = &["memory", "timeout", "instances"];
-const MANIFEST_KEYS: &[&str] = &["name", "triggers", "grants", "config", "limits"];
+const MANIFEST_KEYS: &[&str] = &["name", "triggers", "grants", "config", "limits", "compose"];
 
 /// A component's manifest: its name on the device, triggers, grants, config defaults and
 /// limits. This is also the JSON form embedded in the component.
@@ -49,6 +49,11 @@ pub struct Manifest {
     /// Resource limits (the agent's defaults where unset).
     #[serde(default)]
     pub limits: Limits,
+    /// Build-time composition: interface name -> the component (a crate directory or a
+    /// `.wasm` file, relative to the crate) whose export of that interface is plugged into
+    /// this component's import.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compose: BTreeMap<String, String>,
 }
 
 /// Every problem found in a manifest.
@@ -153,6 +158,7 @@ impl Manifest {
             grants: Grants::default(),
             config: BTreeMap::new(),
             limits: Limits::default(),
+            compose: BTreeMap::new(),
         };
         let mut root = Walker::new(prefix, table, &mut problems);
         if let Some(name) = root.take::<String>("name") {
@@ -200,6 +206,9 @@ impl Manifest {
         }
         if let Some(limits) = root.section("limits") {
             manifest.limits = parse_limits(limits);
+        }
+        if let Some(compose) = root.section("compose") {
+            manifest.compose = parse_compose(compose);
         }
         root.finish(MANIFEST_KEYS);
         if problems.is_empty() {
@@ -408,6 +417,51 @@ fn parse_config(mut w: Walker<'_>) -> BTreeMap<String, String> {
         config.insert(key, text);
     }
     config
+}
+
+/// Whether `name` is `namespace:package/interface`, optionally with `@version`.
+fn is_interface_name(name: &str) -> bool {
+    let base = name.split('@').next().unwrap_or_default();
+    let Some((package, interface)) = base.split_once('/') else {
+        return false;
+    };
+    let Some((namespace, pkg)) = package.split_once(':') else {
+        return false;
+    };
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.starts_with(|c: char| c.is_ascii_lowercase())
+            && w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    word(namespace) && word(pkg) && word(interface)
+}
+
+fn parse_compose(mut w: Walker<'_>) -> BTreeMap<String, String> {
+    let mut compose = BTreeMap::new();
+    let keys: Vec<String> = w.table.keys().cloned().collect();
+    for key in keys {
+        let Some(value) = w.table.remove(&key) else {
+            continue;
+        };
+        if !is_interface_name(&key) {
+            w.problem(
+                &key,
+                "is not an interface name: write `namespace:package/interface`, e.g. `\"perch:fixture/smooth\" = \"../smoother\"`",
+            );
+            continue;
+        }
+        match value.as_str() {
+            Some(path) if !path.trim().is_empty() => {
+                compose.insert(key, path.to_string());
+            }
+            _ => w.problem(
+                &key,
+                "expected the path of a component crate or `.wasm` file, relative to this Cargo.toml",
+            ),
+        }
+    }
+    compose
 }
 
 fn parse_limits(mut w: Walker<'_>) -> Limits {
@@ -705,6 +759,31 @@ triggers = [{ http = "hello" }, { startup = false }, { every = "5s", http = "/x"
                 "package.metadata.perch.triggers[3]: expected a table with one key, like `{ every = \"5s\" }`, found string",
             ]
         );
+    }
+
+    #[test]
+    fn compose_entries_name_an_interface_and_a_path() {
+        let text = cargo(
+            r#"triggers = [{ startup = true }]
+[package.metadata.perch.compose]
+"perch:fixture/smooth" = "../smoother"
+"smooth" = "../x"
+"acme:lib/filter@1.0.0" = 3"#,
+        );
+        let e = Manifest::from_cargo_toml(&text, "Cargo.toml").expect_err("invalid");
+        let text: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "package.metadata.perch.compose.acme:lib/filter@1.0.0: expected the path of a component crate or `.wasm` file, relative to this Cargo.toml",
+                "package.metadata.perch.compose.smooth: is not an interface name: write `namespace:package/interface`, e.g. `\"perch:fixture/smooth\" = \"../smoother\"`",
+            ]
+        );
+        let ok = cargo(
+            "triggers = [{ startup = true }]\n[package.metadata.perch.compose]\n\"perch:fixture/smooth\" = \"../smoother\"",
+        );
+        let m = Manifest::from_cargo_toml(&ok, "Cargo.toml").expect("valid");
+        assert_eq!(m.compose["perch:fixture/smooth"], "../smoother");
     }
 
     #[test]
