@@ -79,6 +79,11 @@ pub fn cargo_build(shell: &Shell, cargo_toml: &Path) -> Result<PathBuf> {
         .arg("--manifest-path")
         .arg(cargo_toml)
         .args(["--message-format", "json-render-diagnostics"])
+        .args(if shell.verbosity == crate::shell::Verbosity::Verbose {
+            &["--verbose"][..]
+        } else {
+            &[]
+        })
         .stdout(Stdio::piped())
         .stderr(if shell.verbosity == crate::shell::Verbosity::Quiet {
             Stdio::null()
