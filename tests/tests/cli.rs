@@ -84,13 +84,7 @@ fn a_new_user_goes_from_nothing_to_a_running_sensor_component() -> TestResult {
         .to_string();
     assert_eq!(run(perch(&cfg).args(["key", "show"]))?.trim(), public);
     let agent_dir = tempfile::tempdir()?;
-    let agent = Perchd::start(
-        agent_dir.path(),
-        Launch {
-            extra_config: format!("[signing]\ntrusted-keys = [\"{public}\"]\n"),
-            ..Launch::default()
-        },
-    )?;
+    let agent = agent_trusting(agent_dir.path(), &public)?;
     let url = format!("http://{}", agent.addr);
 
     // 3. Build: compiles for wasm32-wasip2, checks grants, embeds the manifest, signs.
@@ -269,6 +263,17 @@ fn completions_and_help_follow_cargo_conventions() -> TestResult {
     Ok(())
 }
 
+/// A perchd that accepts only components signed by `public`.
+fn agent_trusting(dir: &Path, public: &str) -> anyhow::Result<Perchd> {
+    Perchd::start(
+        dir,
+        Launch {
+            extra_config: format!("[signing]\ntrusted-keys = [\"{public}\"]\n"),
+            ..Launch::default()
+        },
+    )
+}
+
 /// Waits until `file` contains `needle`, or fails with what it holds.
 fn wait_for_text(file: &Path, needle: &str, timeout: Duration) -> anyhow::Result<String> {
     let deadline = std::time::Instant::now() + timeout;
@@ -332,8 +337,9 @@ fn run_streams_logs_and_swaps_in_rebuilds_until_ctrl_c() -> TestResult {
         Ok(())
     })();
     // Ctrl-C: a clean stop with exit code 0.
-    let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    // The shell's builtin `kill`, so no procps is needed.
+    let sent = Command::new("sh")
+        .args(["-c", "kill -INT \"$0\"", &child.id().to_string()])
         .status()?;
     assert!(sent.success());
     let status = child.wait()?;
@@ -373,13 +379,7 @@ fn build_composes_the_components_named_in_the_manifest() -> TestResult {
     // It runs on an agent, calling into the plugged component.
     let public = run(perch(&cfg).args(["key", "show"]))?.trim().to_string();
     let agent_dir = tempfile::tempdir()?;
-    let agent = Perchd::start(
-        agent_dir.path(),
-        Launch {
-            extra_config: format!("[signing]\ntrusted-keys = [\"{public}\"]\n"),
-            ..Launch::default()
-        },
-    )?;
+    let agent = agent_trusting(agent_dir.path(), &public)?;
     let r = agent.deploy_artifact(&std::fs::read(&artifact)?)?;
     assert_eq!(r.status, 201, "{}", r.body);
     agent.wait_for(Duration::from_secs(20), "mean 2.5 in the log", |a| {

@@ -182,18 +182,27 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.problems.len();
-        write!(
-            f,
-            "{}: {n} problem{}",
-            self.source_name,
-            if n == 1 { "" } else { "s" }
-        )?;
-        for p in &self.problems {
-            write!(f, "\n  - {p}")?;
-        }
-        Ok(())
+        write_problems(f, &self.source_name, "", &self.problems)
     }
+}
+
+/// `source: N problem(s)<what>` followed by one `  - key: problem` line each.
+pub(crate) fn write_problems(
+    f: &mut fmt::Formatter<'_>,
+    source_name: &str,
+    what: &str,
+    problems: &[ConfigProblem],
+) -> fmt::Result {
+    let n = problems.len();
+    write!(
+        f,
+        "{source_name}: {n} problem{}{what}",
+        if n == 1 { "" } else { "s" }
+    )?;
+    for p in problems {
+        write!(f, "\n  - {p}")?;
+    }
+    Ok(())
 }
 
 impl AgentConfig {

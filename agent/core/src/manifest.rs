@@ -67,17 +67,12 @@ pub struct ManifestError {
 
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.problems.len();
-        write!(
+        crate::config::write_problems(
             f,
-            "{}: {n} problem{} in the component manifest",
-            self.source_name,
-            if n == 1 { "" } else { "s" }
-        )?;
-        for p in &self.problems {
-            write!(f, "\n  - {p}")?;
-        }
-        Ok(())
+            &self.source_name,
+            " in the component manifest",
+            &self.problems,
+        )
     }
 }
 
