@@ -337,7 +337,7 @@ impl Agent {
         Ok((signer, manifest))
     }
 
-    #[tracing::instrument(name = "agent.deploy", skip_all, fields(component = ?name, bytes = bytes.len()))]
+    #[tracing::instrument(name = "agent.deploy", skip_all, fields(component = tracing::field::Empty, bytes = bytes.len()))]
     async fn deploy(
         &self,
         name: Option<String>,
@@ -358,6 +358,7 @@ impl Agent {
                     .map(|m| m.name)
             })
             .unwrap_or_else(|| "(unnamed)".into());
+        tracing::Span::current().record("component", shown.as_str());
         if let Some(expected) = expected
             && expected != digest
         {
