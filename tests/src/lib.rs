@@ -114,6 +114,8 @@ pub struct Launch {
     pub offline: bool,
     /// `ulimit -v` in KiB.
     pub ulimit_v_kib: Option<u64>,
+    /// The binary to run instead of [`perchd_bin`].
+    pub bin: Option<PathBuf>,
 }
 
 /// A running perchd with its own data directory.
@@ -163,7 +165,7 @@ impl Perchd {
             .create(true)
             .append(true)
             .open(dir.join("perchd.log"))?;
-        let bin = perchd_bin();
+        let bin = launch.bin.clone().unwrap_or_else(perchd_bin);
         let mut script = String::new();
         if let Some(kib) = launch.ulimit_v_kib {
             script.push_str(&format!("ulimit -v {kib}; "));

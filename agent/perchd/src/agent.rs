@@ -411,6 +411,7 @@ impl Agent {
             .component_status(running.name())
             .ok_or_else(|| not_found(&name))?;
         crate::memory::trim();
+        crate::memory::settle_later();
         tracing::info!(component = %name, revision, "component deployed");
         Ok(Reply::Deployed(Box::new(Deployed {
             revision,

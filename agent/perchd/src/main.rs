@@ -103,6 +103,7 @@ async fn run(config: perch_core::AgentConfig) -> ExitCode {
         }
     };
     perchd::memory::trim();
+    perchd::memory::settle_later();
     tracing::info!(%addr, "listening");
     let result = server::serve(agent.clone(), listener, shutdown).await;
     tracing::info!("shutting down");

@@ -395,8 +395,19 @@ fn bench_idle_rss(rows: &mut Vec<Row>, idle_secs: u64) -> Result<()> {
         extra_config: std::env::var("PERCH_BENCH_CONFIG").unwrap_or_default(),
         ..Launch::default()
     };
+    // The empty agent runs a copy of the binary: two processes mapping one file share its
+    // pages, and the kernel reclaims only pages a single process maps, so sharing would hide
+    // what a device (one agent) pages out after startup.
+    let copy = empty.path().join("perchd-copy");
+    std::fs::copy(perchd_bin(), &copy)?;
     let with = Perchd::start(dir.path(), launch.clone())?;
-    let without = Perchd::start(empty.path(), launch)?;
+    let without = Perchd::start(
+        empty.path(),
+        Launch {
+            bin: Some(copy),
+            ..launch
+        },
+    )?;
     std::thread::sleep(Duration::from_secs(idle_secs));
     let comps = with.get("/v1/components")?;
     if comps.as_array().map(Vec::len) != Some(3) {
