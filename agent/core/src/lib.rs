@@ -4,6 +4,7 @@
 //! speaks, and the typed errors around them. It must not depend on tokio, wasmtime, sled or
 //! axum: everything here is plain data and validation, usable by the agent, the CLI and tests.
 
+pub mod board;
 pub mod command;
 pub mod config;
 pub mod digest;

@@ -26,8 +26,8 @@ impl<'a> Walker<'a> {
     }
 
     pub(crate) fn path(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_string()
+        if self.prefix.is_empty() || key.is_empty() {
+            format!("{}{key}", self.prefix)
         } else {
             format!("{}.{key}", self.prefix)
         }
