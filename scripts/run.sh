@@ -30,6 +30,7 @@ cat > "$state/perchd.toml" <<TOML
 data-dir = "$state/data"
 listen = "$listen"
 board = "sim"
+boards-dir = ["$repo/board-configs"]
 
 [signing]
 trusted-keys = ["$key"]

@@ -269,6 +269,15 @@ impl BoardConfig {
         ))
     }
 
+    /// Validates an already parsed board table (no `inherit`), named `name` unless it says
+    /// otherwise.
+    pub fn from_toml_table(table: toml::Table, name: &str) -> Result<Self, BoardError> {
+        Self::from_table(table, name).map_err(|problems| BoardError {
+            source_name: format!("board `{name}`"),
+            problems,
+        })
+    }
+
     fn from_table(table: toml::Table, default_name: &str) -> Result<Self, Vec<ConfigProblem>> {
         let mut problems = Vec::new();
         let mut board = BoardConfig {
@@ -575,6 +584,31 @@ hwmon = { name = "cpu_thermal" }
             "{e}"
         );
         assert!(BoardConfig::find("/nonexistent/x.toml", &dirs).is_err());
+    }
+
+    #[test]
+    fn every_shipped_board_config_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../board-configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("board-configs/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let b = BoardConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert!(
+                    !b.description.is_empty(),
+                    "{} has no description",
+                    path.display()
+                );
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "only {n} boards");
+        let pi3 = BoardConfig::load(&dir.join("raspberry-pi-3-armv7.toml")).expect("pi3");
+        assert_eq!(pi3.image.arch.as_deref(), Some("armv7"));
+        assert!(
+            pi3.sensors.contains_key("room-temp"),
+            "inherited from the Pi 4"
+        );
     }
 
     #[test]

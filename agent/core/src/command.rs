@@ -201,6 +201,9 @@ pub struct AgentStatus {
     pub vm_bytes: u64,
     /// Bytes the store occupies on disk.
     pub store_bytes: u64,
+    /// Hardware the board names that is not available now, one line each.
+    #[serde(default)]
+    pub hardware_missing: Vec<String>,
     pub components: Vec<ComponentStatus>,
 }
 

@@ -18,6 +18,8 @@ use crate::walk::Walker;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/perch";
 /// Default address of the local API and HTTP triggers.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Where board files are looked up by name.
+pub const DEFAULT_BOARDS_DIR: &str = "/etc/perch/boards";
 /// Default board: the simulated board, which needs no hardware.
 pub const DEFAULT_BOARD: &str = "sim";
 /// Default largest linear memory of a component.
@@ -113,8 +115,13 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Address of the local API and HTTP triggers.
     pub listen: SocketAddr,
-    /// Board name (`sim` needs no hardware).
+    /// Board name (looked up as `<boards-dir>/<name>.toml`) or path of a board file; `sim`
+    /// is built in.
     pub board: String,
+    /// Directories searched for board files, in order.
+    pub boards_dir: Vec<PathBuf>,
+    /// Where sysfs is mounted (sensors are read below it); tests point it at a fake tree.
+    pub sysfs_root: PathBuf,
     /// sled page cache size.
     pub store_cache: ByteSize,
     /// Default limits for components.
@@ -133,6 +140,8 @@ impl Default for AgentConfig {
                 .parse()
                 .unwrap_or_else(|_| unreachable!("valid constant")),
             board: DEFAULT_BOARD.into(),
+            boards_dir: vec![PathBuf::from(DEFAULT_BOARDS_DIR)],
+            sysfs_root: PathBuf::from("/sys"),
             store_cache: DEFAULT_STORE_CACHE,
             limits: DefaultLimits {
                 memory: DEFAULT_MEMORY,
@@ -243,18 +252,28 @@ impl AgentConfig {
             }
         }
         if let Some(board) = root.take::<String>("board") {
+            let is_path = board.ends_with(".toml") || board.contains('/');
             if board.is_empty()
-                || !board
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || !(is_path
+                    || board
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
             {
                 root.problem(
                     "board",
-                    format!("`{board}` is not a board name (letters, digits, `-`, `_`)"),
+                    format!(
+                        "`{board}` is not a board name (letters, digits, `-`, `_`) or the path of a `.toml` board file"
+                    ),
                 );
             } else {
                 cfg.board = board;
             }
+        }
+        if let Some(dirs) = root.take::<Vec<PathBuf>>("boards-dir") {
+            cfg.boards_dir = dirs;
+        }
+        if let Some(sysfs) = root.take::<PathBuf>("sysfs-root") {
+            cfg.sysfs_root = sysfs;
         }
         if let Some(cache) = root.take::<ByteSize>("store-cache") {
             cfg.store_cache = cache;
@@ -350,6 +369,8 @@ impl AgentConfig {
             "data-dir",
             "listen",
             "board",
+            "boards-dir",
+            "sysfs-root",
             "store-cache",
             "limits",
             "runtime",

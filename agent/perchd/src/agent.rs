@@ -548,6 +548,7 @@ impl Agent {
             rss_bytes,
             vm_bytes,
             store_bytes: self.store.size_on_disk().unwrap_or(0),
+            hardware_missing: self.runtime.board().missing(),
             components: self.runtime.status(),
         }
     }

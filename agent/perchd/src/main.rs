@@ -29,6 +29,10 @@ struct Args {
     /// Override `listen` from the config (IP:PORT; port 0 picks a free one).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Override `board` from the config: a board name (looked up in `boards-dir`) or the
+    /// path of a board file.
+    #[arg(long)]
+    board: Option<String>,
     /// Validate the config, print it as JSON and exit.
     #[arg(long)]
     check_config: bool,
@@ -55,6 +59,9 @@ fn main() -> ExitCode {
     }
     if let Some(l) = args.listen {
         config.listen = l;
+    }
+    if let Some(b) = args.board {
+        config.board = b;
     }
     if args.check_config {
         match serde_json::to_string_pretty(&config) {

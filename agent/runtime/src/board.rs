@@ -9,6 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+
+use perch_core::board::{BoardConfig, Direction, LineSource, SensorSource};
+use perch_provider_sensors::{Source, Sysfs};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Why a hardware call failed. Shown to the component as an `io` error.
@@ -54,15 +57,175 @@ pub trait Board: Send + Sync + std::fmt::Debug {
     fn gpio_write(&self, line: &str, value: bool) -> Result<(), HwError>;
     /// Takes one reading.
     fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError>;
+    /// Hardware the board names that is not there now, one line each (reported at start).
+    fn missing(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
-/// The board for `name`: the simulated board for `sim`, otherwise a board with no hardware
-/// (until real backends are configured for it).
-pub fn for_name(name: &str) -> Box<dyn Board> {
-    if name == "sim" {
-        Box::new(SimBoard::new())
-    } else {
-        Box::new(NoHardware(name.to_string()))
+/// The built-in `sim` board config, used when no `sim.toml` is found in the boards dirs.
+pub const BUILTIN_SIM: &str = include_str!("../../../board-configs/sim.toml");
+
+/// The board the agent config names: a board file found in `boards-dir` (or given as a
+/// path), else the built-in `sim` board for `sim`.
+pub fn load(config: &perch_core::AgentConfig) -> Result<BoardConfig, String> {
+    match BoardConfig::find(&config.board, &config.boards_dir) {
+        Ok(path) => BoardConfig::load(&path).map_err(|e| e.to_string()),
+        Err(_) if config.board == "sim" => {
+            let table: toml::Table = BUILTIN_SIM
+                .parse()
+                .map_err(|e| format!("the built-in sim board: {e}"))?;
+            BoardConfig::from_toml_table(table, "sim").map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Builds the board's hardware from its config: simulated lines and sensors from the sim
+/// model, sysfs sensors from the sensors provider.
+pub fn from_config(config: &BoardConfig) -> ConfiguredBoard {
+    let sim_lines: Vec<(String, bool)> = config
+        .gpio
+        .iter()
+        .filter(|(_, l)| l.source == LineSource::Sim)
+        .map(|(n, l)| (n.clone(), l.direction == Direction::Output))
+        .collect();
+    ConfiguredBoard {
+        name: config.name.clone(),
+        sim: SimBoard::with_lines(&sim_lines),
+        config: config.clone(),
+        sysfs: Sysfs::default(),
+    }
+}
+
+/// A board assembled from a [`BoardConfig`].
+#[derive(Debug)]
+pub struct ConfiguredBoard {
+    name: String,
+    config: BoardConfig,
+    sim: SimBoard,
+    sysfs: Sysfs,
+}
+
+impl ConfiguredBoard {
+    /// Reads sysfs sensors below `root` instead of `/sys` (tests).
+    pub fn with_sysfs_root(mut self, root: impl Into<std::path::PathBuf>) -> Self {
+        self.sysfs = Sysfs::new(root);
+        self
+    }
+
+    fn unknown(&self, kind: &'static str, name: &str) -> HwError {
+        HwError::Unknown {
+            board: self.name.clone(),
+            kind,
+            name: name.to_string(),
+        }
+    }
+
+    fn chip_line_unavailable(&self, line: &str) -> HwError {
+        HwError::Device(format!(
+            "GPIO line `{line}` is on a character-device chip, which this build of the agent cannot drive yet"
+        ))
+    }
+}
+
+impl Board for ConfiguredBoard {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn gpio_lines(&self) -> Vec<String> {
+        self.config.gpio.keys().cloned().collect()
+    }
+
+    fn sensors(&self) -> Vec<String> {
+        self.config.sensors.keys().cloned().collect()
+    }
+
+    fn gpio_read(&self, line: &str) -> Result<bool, HwError> {
+        match self.config.gpio.get(line).map(|l| &l.source) {
+            Some(LineSource::Sim) => self.sim.gpio_read(line),
+            Some(LineSource::Chip { .. }) => Err(self.chip_line_unavailable(line)),
+            None => Err(self.unknown("GPIO line", line)),
+        }
+    }
+
+    fn gpio_write(&self, line: &str, value: bool) -> Result<(), HwError> {
+        match self.config.gpio.get(line) {
+            Some(l) if l.direction == Direction::Input => Err(HwError::InputOnly(line.into())),
+            Some(l) if l.source == LineSource::Sim => self.sim.gpio_write(line, value),
+            Some(_) => Err(self.chip_line_unavailable(line)),
+            None => Err(self.unknown("GPIO line", line)),
+        }
+    }
+
+    fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError> {
+        let source = self
+            .config
+            .sensors
+            .get(sensor)
+            .ok_or_else(|| self.unknown("sensor", sensor))?;
+        let sysfs_source = match source {
+            SensorSource::Sim(model) => return self.sim.model_read(sensor, model),
+            SensorSource::Iio { device, channel } => Source::Iio {
+                device: device.clone(),
+                channel: channel.clone(),
+            },
+            SensorSource::Hwmon { name, input } => Source::Hwmon {
+                name: name.clone(),
+                input: input.clone(),
+            },
+            SensorSource::W1(id) => Source::W1(id.clone()),
+            SensorSource::I2c { .. } => {
+                return Err(HwError::Device(format!(
+                    "sensor `{sensor}` is an I2C register, which this build of the agent cannot read yet"
+                )));
+            }
+        };
+        let v = self
+            .sysfs
+            .read(sensor, &sysfs_source)
+            .map_err(|e| HwError::Device(e.to_string()))?;
+        Ok(Reading {
+            value: v.value,
+            unit: v.unit,
+            timestamp_ms: now_ms(),
+        })
+    }
+
+    fn missing(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, line) in &self.config.gpio {
+            if let LineSource::Chip { chip, line: offset } = &line.source {
+                out.push(format!(
+                    "gpio `{name}` ({chip} line {offset}): character-device GPIO is not supported by this build yet"
+                ));
+            }
+        }
+        for (name, source) in &self.config.sensors {
+            let sysfs = match source {
+                SensorSource::Iio { device, channel } => Source::Iio {
+                    device: device.clone(),
+                    channel: channel.clone(),
+                },
+                SensorSource::Hwmon { name, input } => Source::Hwmon {
+                    name: name.clone(),
+                    input: input.clone(),
+                },
+                SensorSource::W1(id) => Source::W1(id.clone()),
+                SensorSource::I2c { bus, address, .. } => {
+                    out.push(format!(
+                        "sensor `{name}` (i2c-{bus} 0x{address:02x}): I2C sensors are not supported by this build yet"
+                    ));
+                    continue;
+                }
+                SensorSource::Sim(_) => continue,
+            };
+            if !self.sysfs.present(&sysfs) {
+                out.push(format!("sensor `{name}`: {sysfs:?} is not present"));
+            }
+        }
+        out
     }
 }
 
@@ -70,41 +233,6 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// A board without GPIO lines or sensors.
-#[derive(Debug)]
-pub struct NoHardware(String);
-
-impl Board for NoHardware {
-    fn name(&self) -> &str {
-        &self.0
-    }
-    fn gpio_lines(&self) -> Vec<String> {
-        Vec::new()
-    }
-    fn sensors(&self) -> Vec<String> {
-        Vec::new()
-    }
-    fn gpio_read(&self, line: &str) -> Result<bool, HwError> {
-        Err(self.unknown("GPIO line", line))
-    }
-    fn gpio_write(&self, line: &str, _value: bool) -> Result<(), HwError> {
-        Err(self.unknown("GPIO line", line))
-    }
-    fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError> {
-        Err(self.unknown("sensor", sensor))
-    }
-}
-
-impl NoHardware {
-    fn unknown(&self, kind: &'static str, name: &str) -> HwError {
-        HwError::Unknown {
-            board: self.0.clone(),
-            kind,
-            name: name.to_string(),
-        }
-    }
 }
 
 /// Outdoor-following room temperature: mean and swing of the daily curve, in °C.
@@ -119,7 +247,8 @@ const SIM_DAY_S: f64 = 600.0;
 
 #[derive(Debug)]
 struct SimState {
-    lines: BTreeMap<&'static str, (bool, bool)>,
+    /// name -> (level, is output)
+    lines: BTreeMap<String, (bool, bool)>,
     temp_c: f64,
     updated: Instant,
 }
@@ -138,14 +267,24 @@ impl Default for SimBoard {
 }
 
 impl SimBoard {
-    /// A fresh simulated board: fan and led off, the room at the curve's value.
+    /// A fresh simulated board with the lines of `board-configs/sim.toml`: fan and led
+    /// (outputs, off) and button (input, released); the room at the curve's value.
     pub fn new() -> Self {
+        Self::with_lines(&[
+            ("fan".into(), true),
+            ("led".into(), true),
+            ("button".into(), false),
+        ])
+    }
+
+    /// A simulated board with these lines (`(name, is output)`), all low. A line named
+    /// `fan` cools the simulated room while high.
+    pub fn with_lines(lines: &[(String, bool)]) -> Self {
         let start = Instant::now();
-        let mut lines = BTreeMap::new();
-        // name -> (level, is output)
-        lines.insert("fan", (false, true));
-        lines.insert("led", (false, true));
-        lines.insert("button", (false, false));
+        let lines = lines
+            .iter()
+            .map(|(name, output)| (name.clone(), (false, *output)))
+            .collect();
         Self {
             start,
             state: Mutex::new(SimState {
@@ -236,9 +375,16 @@ impl Board for SimBoard {
     }
 
     fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError> {
+        self.model_read(sensor, sensor)
+    }
+}
+
+impl SimBoard {
+    /// Reads simulated model `model` (`room-temp` or `humidity`) for sensor `sensor`.
+    pub fn model_read(&self, sensor: &str, model: &str) -> Result<Reading, HwError> {
         let mut s = self.lock();
         self.advance(&mut s);
-        let (value, unit) = match sensor {
+        let (value, unit) = match model {
             // Rounded like a real 0.01 °C-resolution sensor.
             "room-temp" => ((s.temp_c * 100.0).round() / 100.0, "°C"),
             "humidity" => {

@@ -116,6 +116,8 @@ pub enum RuntimeError {
     Engine(#[from] EngineError),
     #[error("cannot set up the host interfaces: {0}")]
     Linker(String),
+    #[error("board: {0}")]
+    Board(String),
 }
 
 /// Why an HTTP request could not be answered by a component.
@@ -200,6 +202,12 @@ pub fn describe_error(e: &wasmtime::Error) -> String {
 impl Runtime {
     /// Creates the engine (pooling where possible), the linker and the epoch ticker.
     pub fn new(config: AgentConfig, store: Arc<dyn Store>) -> Result<Arc<Self>, RuntimeError> {
+        let board_config = board::load(&config).map_err(RuntimeError::Board)?;
+        let board: Arc<dyn Board> =
+            Arc::new(board::from_config(&board_config).with_sysfs_root(&config.sysfs_root));
+        for missing in board.missing() {
+            tracing::warn!(board = %board_config.name, %missing, "board hardware not available");
+        }
         let (engine, allocator) = engine::build_engine(&config)?;
         let mut linker = Linker::new(&engine);
         host::add_to_linker(&mut linker).map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
@@ -213,7 +221,7 @@ impl Runtime {
             fingerprint,
             store,
             bus: Bus::new(),
-            board: Arc::from(board::for_name(&config.board)),
+            board,
             config,
             running: RwLock::new(BTreeMap::new()),
             failed: RwLock::new(BTreeMap::new()),

@@ -465,7 +465,7 @@ fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
             log: Arc::new(ComponentLog::new("noop", 10)),
             grants: Default::default(),
             config: Default::default(),
-            board: Arc::from(perch_runtime::board::for_name("sim")),
+            board: Arc::new(perch_runtime::board::SimBoard::new()),
             denied: Default::default(),
         });
         let rss0 = status_kib(&me, "VmRSS:");

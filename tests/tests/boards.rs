@@ -1,0 +1,153 @@
+//! A board file with real sysfs sensors, against a fake sysfs tree shaped like the kernel's:
+//! the agent reports hardware the board names but lacks at start, components read sensors
+//! through the same WIT path the simulated board uses, and a sensor that disappears and
+//! comes back needs no restart.
+
+use std::path::Path;
+use std::time::Duration;
+
+use perch_tests::{Launch, Perchd, artifact, examples, repo_root};
+use serde_json::Value;
+
+fn write(root: &Path, rel: &str, content: &str) {
+    let path = root.join(rel);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, content).expect("write");
+}
+
+const W1: &str = "bus/w1/devices/28-00000abcdef0";
+
+fn w1_reading(milli: u32) -> String {
+    format!("72 01 4b 46 7f ff 0e 10 57 : crc=57 YES\n72 01 4b 46 7f ff 0e 10 57 t={milli}\n")
+}
+
+/// Telemetry records of `thermostat` with their `t`.
+fn temperatures(agent: &Perchd) -> anyhow::Result<Vec<(u64, f64)>> {
+    let records = agent.get("/v1/telemetry?limit=50")?;
+    Ok(records
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["component"] == "thermostat")
+        .filter_map(|r| {
+            let payload: Value = serde_json::from_str(r["payload"].as_str()?).ok()?;
+            Some((r["seq"].as_u64()?, payload["t"].as_f64()?))
+        })
+        .collect())
+}
+
+#[test]
+fn sysfs_sensors_are_read_reported_and_recovered() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sys = dir.path().join("sys");
+    write(&sys, &format!("{W1}/w1_slave"), &w1_reading(23250));
+    write(&sys, "class/hwmon/hwmon2/name", "cpu_thermal\n");
+    write(&sys, "class/hwmon/hwmon2/temp1_input", "48312\n");
+    let board = dir.path().join("test-pi.toml");
+    std::fs::write(
+        &board,
+        format!(
+            r#"inherit = "{}"
+description = "a Pi 4 on a fake sysfs"
+"#,
+            repo_root()
+                .join("board-configs/raspberry-pi-4.toml")
+                .display()
+        ),
+    )?;
+    let agent = Perchd::start(
+        &dir.path().join("agent"),
+        Launch {
+            extra_config: format!(
+                "board = \"{}\"\nsysfs-root = \"{}\"\n",
+                board.display(),
+                sys.display()
+            ),
+            ..Launch::default()
+        },
+    )?;
+
+    // What the board names but the machine lacks is reported by name at start.
+    let status = agent.get("/v1/status")?;
+    assert_eq!(status["board"], board.display().to_string());
+    let missing = status["hardware-missing"].to_string();
+    assert!(missing.contains("sensor `pressure`"), "{missing}");
+    assert!(
+        missing.contains("gpio `fan` (gpiochip0 line 17)"),
+        "{missing}"
+    );
+    assert!(!missing.contains("room-temp"), "{missing}");
+    assert!(
+        agent.log().contains("board hardware not available"),
+        "{}",
+        agent.log()
+    );
+
+    // The thermostat reads the 1-Wire sensor through perch:device/sensors. A threshold it
+    // never reaches keeps it off the fan (a chip line this build cannot drive).
+    let bytes = artifact(
+        examples::THERMOSTAT,
+        &repo_root().join("examples/thermostat/Cargo.toml"),
+        None,
+        |m| {
+            m.config.insert("threshold-c".into(), "1000".into());
+            m.triggers = vec![perch_core::Trigger::Every(
+                "100ms".parse().expect("duration"),
+            )];
+        },
+    )?;
+    let r = agent.deploy_artifact(&bytes)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let seen = agent.wait_for(Duration::from_secs(20), "a reading of 23.25", |a| {
+        let t = temperatures(a)?;
+        Ok(t.iter()
+            .any(|(_, v)| (*v - 23.25).abs() < 1e-9)
+            .then_some(t))
+    })?;
+    let last_seq = seen.iter().map(|(s, _)| *s).max().unwrap_or(0);
+
+    // Unplugged: each read fails with a typed error naming the sensor; the agent goes on.
+    std::fs::remove_dir_all(sys.join(W1))?;
+    let c = agent.wait_for(Duration::from_secs(20), "a failed read", |a| {
+        let c = a.component("thermostat")?;
+        let msg = c["last-error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        Ok(msg
+            .contains("sensor `room-temp` is not present")
+            .then_some(c))
+    })?;
+    assert_eq!(c["state"], "running", "{c}");
+
+    // Plugged back in with a new reading: no restart needed.
+    write(&sys, &format!("{W1}/w1_slave"), &w1_reading(26500));
+    agent.wait_for(Duration::from_secs(20), "a reading of 26.5", |a| {
+        let t = temperatures(a)?;
+        Ok(t.iter()
+            .any(|(s, v)| *s > last_seq && (*v - 26.5).abs() < 1e-9)
+            .then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn an_unknown_board_is_a_config_error_naming_the_known_ones() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut agent = Perchd::spawn(
+        dir.path(),
+        Launch {
+            extra_config: format!(
+                "board = \"rpi9\"\nboards-dir = [\"{}\"]\n",
+                repo_root().join("board-configs").display()
+            ),
+            ..Launch::default()
+        },
+    )?;
+    let status = agent.wait_exit(Duration::from_secs(30))?;
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(log.contains("no board named `rpi9`"), "{log}");
+    assert!(log.contains("raspberry-pi-4"), "{log}");
+    Ok(())
+}
