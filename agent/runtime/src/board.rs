@@ -98,6 +98,23 @@ pub fn from_config(config: &BoardConfig) -> ConfiguredBoard {
     }
 }
 
+/// The sysfs source of a sensor read through the sensors provider (`None` for the
+/// simulated model and I2C).
+fn sysfs_source(source: &SensorSource) -> Option<Source> {
+    match source {
+        SensorSource::Iio { device, channel } => Some(Source::Iio {
+            device: device.clone(),
+            channel: channel.clone(),
+        }),
+        SensorSource::Hwmon { name, input } => Some(Source::Hwmon {
+            name: name.clone(),
+            input: input.clone(),
+        }),
+        SensorSource::W1(id) => Some(Source::W1(id.clone())),
+        SensorSource::I2c { .. } | SensorSource::Sim(_) => None,
+    }
+}
+
 /// A board assembled from a [`BoardConfig`].
 #[derive(Debug)]
 pub struct ConfiguredBoard {
@@ -165,22 +182,13 @@ impl Board for ConfiguredBoard {
             .sensors
             .get(sensor)
             .ok_or_else(|| self.unknown("sensor", sensor))?;
-        let sysfs_source = match source {
-            SensorSource::Sim(model) => return self.sim.model_read(sensor, model),
-            SensorSource::Iio { device, channel } => Source::Iio {
-                device: device.clone(),
-                channel: channel.clone(),
-            },
-            SensorSource::Hwmon { name, input } => Source::Hwmon {
-                name: name.clone(),
-                input: input.clone(),
-            },
-            SensorSource::W1(id) => Source::W1(id.clone()),
-            SensorSource::I2c { .. } => {
-                return Err(HwError::Device(format!(
-                    "sensor `{sensor}` is an I2C register, which this build of the agent cannot read yet"
-                )));
-            }
+        if let SensorSource::Sim(model) = source {
+            return self.sim.model_read(sensor, model);
+        }
+        let Some(sysfs_source) = sysfs_source(source) else {
+            return Err(HwError::Device(format!(
+                "sensor `{sensor}` is an I2C register, which this build of the agent cannot read yet"
+            )));
         };
         let v = self
             .sysfs
@@ -203,23 +211,14 @@ impl Board for ConfiguredBoard {
             }
         }
         for (name, source) in &self.config.sensors {
-            let sysfs = match source {
-                SensorSource::Iio { device, channel } => Source::Iio {
-                    device: device.clone(),
-                    channel: channel.clone(),
-                },
-                SensorSource::Hwmon { name, input } => Source::Hwmon {
-                    name: name.clone(),
-                    input: input.clone(),
-                },
-                SensorSource::W1(id) => Source::W1(id.clone()),
-                SensorSource::I2c { bus, address, .. } => {
-                    out.push(format!(
-                        "sensor `{name}` (i2c-{bus} 0x{address:02x}): I2C sensors are not supported by this build yet"
-                    ));
-                    continue;
-                }
-                SensorSource::Sim(_) => continue,
+            if let SensorSource::I2c { bus, address, .. } = source {
+                out.push(format!(
+                    "sensor `{name}` (i2c-{bus} 0x{address:02x}): I2C sensors are not supported by this build yet"
+                ));
+                continue;
+            }
+            let Some(sysfs) = sysfs_source(source) else {
+                continue;
             };
             if !self.sysfs.present(&sysfs) {
                 out.push(format!("sensor `{name}`: {sysfs:?} is not present"));
