@@ -578,7 +578,8 @@ pub mod messaging {
     }
 }
 
-/// HTTP requests and responses for [`App::on_http`].
+/// HTTP requests and responses for [`App::on_http`], and outgoing requests ([`http::fetch`],
+/// granted per host with `grants.http`).
 ///
 /// ```
 /// use perch_sdk::http::{Request, Response};
@@ -779,6 +780,144 @@ pub mod http {
         }
         drop(stream);
         let _ = OutgoingBody::finish(body, None);
+    }
+
+    /// Sends a request and reads the whole response. Needs `grants.http` naming the host
+    /// (`"api.example.com"` or `"api.example.com:8443"`); any other host is
+    /// [`Error::Denied`](crate::Error::Denied).
+    ///
+    /// ```no_run
+    /// let r = perch_sdk::http::fetch("POST", "http://hub.local:8080/readings", &[("content-type", "application/json")], br#"{"t":21.5}"#)?;
+    /// assert_eq!(r.status, 200);
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn fetch(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> crate::Result<Response> {
+        use crate::Error;
+        use wasip2::http::types::{ErrorCode, OutgoingRequest, Scheme};
+
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            Error::Invalid(format!("`{url}` is not a URL: write http://host/path"))
+        })?;
+        let scheme = match scheme {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            other => return Err(Error::Invalid(format!("unsupported URL scheme `{other}`"))),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let fields: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let fields = Fields::from_list(&fields)
+            .map_err(|e| Error::Invalid(format!("bad request headers: {e:?}")))?;
+        let request = OutgoingRequest::new(fields);
+        let method = match method {
+            "GET" => Method::Get,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "PATCH" => Method::Patch,
+            "HEAD" => Method::Head,
+            other => Method::Other(other.to_string()),
+        };
+        let bad = |what: &str| Error::Invalid(format!("the request's {what} was refused"));
+        request.set_method(&method).map_err(|()| bad("method"))?;
+        request
+            .set_scheme(Some(&scheme))
+            .map_err(|()| bad("scheme"))?;
+        request
+            .set_authority(Some(authority))
+            .map_err(|()| bad("host"))?;
+        request
+            .set_path_with_query(Some(path))
+            .map_err(|()| bad("path"))?;
+        let outgoing = request.body().map_err(|()| bad("body"))?;
+        {
+            let stream = outgoing.write().map_err(|()| bad("body"))?;
+            for chunk in body.chunks(4096) {
+                stream
+                    .blocking_write_and_flush(chunk)
+                    .map_err(|e| Error::Io(format!("sending the request body: {e:?}")))?;
+            }
+        }
+        let future =
+            wasip2::http::outgoing_handler::handle(request, None).map_err(|e| match e {
+                ErrorCode::HttpRequestDenied => {
+                    Error::Denied(format!("outgoing HTTP to `{authority}`"))
+                }
+                other => Error::Io(format!("HTTP request to `{authority}`: {other:?}")),
+            })?;
+        OutgoingBody::finish(outgoing, None)
+            .map_err(|e| Error::Io(format!("finishing the request body: {e:?}")))?;
+        future.subscribe().block();
+        let response = match future.get() {
+            Some(Ok(Ok(r))) => r,
+            Some(Ok(Err(ErrorCode::HttpRequestDenied))) => {
+                return Err(Error::Denied(format!("outgoing HTTP to `{authority}`")));
+            }
+            Some(Ok(Err(e))) => {
+                return Err(Error::Io(format!("HTTP request to `{authority}`: {e:?}")));
+            }
+            _ => {
+                return Err(Error::Io(format!(
+                    "HTTP request to `{authority}` got no response"
+                )));
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().entries();
+        let incoming = response
+            .consume()
+            .map_err(|()| Error::Io("the response body was already taken".into()))?;
+        let mut body = Vec::new();
+        {
+            let stream = incoming
+                .stream()
+                .map_err(|()| Error::Io("the response body stream was already taken".into()))?;
+            loop {
+                match stream.blocking_read(64 << 10) {
+                    Ok(chunk) => {
+                        body.extend_from_slice(&chunk);
+                        if body.len() > MAX_BODY {
+                            return Err(Error::Io(format!(
+                                "the response body exceeds {MAX_BODY} bytes"
+                            )));
+                        }
+                    }
+                    Err(StreamError::Closed) => break,
+                    Err(StreamError::LastOperationFailed(e)) => {
+                        return Err(Error::Io(format!(
+                            "reading the response body: {}",
+                            e.to_debug_string()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// `GET url`, see [`fetch`].
+    ///
+    /// ```no_run
+    /// let r = perch_sdk::http::get("http://hub.local:8080/config")?;
+    /// perch_sdk::log::info(String::from_utf8_lossy(&r.body));
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn get(url: &str) -> crate::Result<Response> {
+        fetch("GET", url, &[], &[])
     }
 
     pub(crate) fn serve<A: crate::App>(request: IncomingRequest, out: ResponseOutparam) {

@@ -30,6 +30,8 @@ pub mod examples {
     /// Fixture: a bare `wasi:http/proxy` hello (no std, exports only the HTTP handler), the
     /// same file under Perch and `wasmtime serve`.
     pub const BENCH_HELLO: &str = env!("PERCH_EXAMPLE_BENCH_HELLO");
+    /// Fixture: `GET`s its `url` config value on every tick.
+    pub const FETCHER: &str = env!("PERCH_EXAMPLE_FETCHER");
     /// Fixture: drives the `fan` GPIO line without a GPIO grant.
     pub const UNGRANTED: &str = env!("PERCH_EXAMPLE_UNGRANTED");
 

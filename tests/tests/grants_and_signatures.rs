@@ -262,3 +262,80 @@ fn grants_are_enforced_by_name() -> TestResult {
     );
     Ok(())
 }
+
+/// A one-line HTTP server on a free local port answering `pong`; counts requests.
+fn pong_server() -> anyhow::Result<(u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = stream.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\npong",
+            );
+        }
+    });
+    Ok((port, hits))
+}
+
+#[test]
+fn outgoing_http_reaches_only_granted_hosts() -> TestResult {
+    let (port, hits) = pong_server()?;
+    let dir = tempfile::tempdir()?;
+    let agent = Perchd::start(dir.path(), Launch::default())?;
+    let cargo_toml = repo_root().join("fixtures/fetcher/Cargo.toml");
+    let url = format!("http://127.0.0.1:{port}/ping");
+
+    // Granted `127.0.0.1`: the request goes out and the answer comes back.
+    let allowed = artifact(examples::FETCHER, &cargo_toml, None, |m| {
+        m.config.insert("url".into(), url.clone());
+    })?;
+    let r = agent.deploy_artifact(&allowed)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    agent.wait_for(Duration::from_secs(20), "200 pong in the log", |a| {
+        let logs = a.get("/v1/components/fetcher/logs?limit=5")?;
+        Ok(logs.to_string().contains("200 pong").then_some(()))
+    })?;
+    assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    agent.request("DELETE", "/v1/components/fetcher", None)?;
+
+    // Granted only another host: denied in the host, audited, and nothing is sent.
+    let before = hits.load(std::sync::atomic::Ordering::SeqCst);
+    let denied = artifact(examples::FETCHER, &cargo_toml, None, |m| {
+        m.name = "fetcher-elsewhere".into();
+        m.config.insert("url".into(), url.clone());
+        m.grants.http = ["hub.example.com".to_string()].into();
+    })?;
+    let r = agent.deploy_artifact(&denied)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let c = agent.wait_for(Duration::from_secs(20), "a denied request", |a| {
+        let c = a.component("fetcher-elsewhere")?;
+        Ok((c["denied"].as_u64() >= Some(1)).then_some(c))
+    })?;
+    assert_eq!(
+        c["last-error"]["message"].as_str(),
+        Some(format!("returned an error: denied: outgoing HTTP to `127.0.0.1:{port}`").as_str()),
+        "{c}"
+    );
+    let logs = agent.get("/v1/components/fetcher-elsewhere/logs?limit=10")?;
+    assert!(
+        logs.to_string().contains(&format!(
+            "denied http.outgoing: host `127.0.0.1:{port}` is not granted to `fetcher-elsewhere`"
+        )),
+        "{logs}"
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), before);
+    Ok(())
+}

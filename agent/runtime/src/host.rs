@@ -123,7 +123,7 @@ pub struct Host {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    hooks: DenyOutgoing,
+    hooks: GrantedOutgoing,
     /// Memory limit and peak.
     pub limiter: Limiter,
     /// Shared, long-lived component context.
@@ -157,7 +157,7 @@ impl Host {
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: DenyOutgoing,
+            hooks: GrantedOutgoing { ctx: ctx.clone() },
             limiter: Limiter {
                 memory_limit,
                 memory_peak: 0,
@@ -186,17 +186,29 @@ impl WasiHttpView for Host {
     }
 }
 
-/// Outgoing HTTP is not granted to any component yet: every request is refused with
-/// `HTTP-request-denied` instead of reaching the network.
-#[derive(Debug, Clone, Copy)]
-struct DenyOutgoing;
+/// Outgoing HTTP goes only to the hosts the component's manifest grants (`grants.http`,
+/// `host` or `host:port`); any other request is refused with `HTTP-request-denied`, logged
+/// and counted, and never reaches the network.
+#[derive(Clone)]
+struct GrantedOutgoing {
+    ctx: Arc<ComponentCtx>,
+}
 
-impl wasmtime_wasi_http::WasiHttpHooks for DenyOutgoing {
+impl GrantedOutgoing {
+    fn allows(&self, authority: Option<&http::uri::Authority>) -> bool {
+        authority.is_some_and(|a| {
+            let hosts = &self.ctx.grants.http;
+            hosts.contains(a.host()) || hosts.contains(a.as_str())
+        })
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpHooks for GrantedOutgoing {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
         dyn Future<
                 Output = Result<
@@ -208,7 +220,21 @@ impl wasmtime_wasi_http::WasiHttpHooks for DenyOutgoing {
                 >,
             > + Send,
     > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        let authority = request.uri().authority().cloned();
+        if !self.allows(authority.as_ref()) {
+            let host = authority.map_or_else(|| "(none)".to_string(), |a| a.to_string());
+            let _ = self.ctx.deny("http.outgoing", format!("host `{host}`"));
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        _ = fut;
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
     }
 }
 
