@@ -32,6 +32,8 @@ pub mod examples {
     pub const BENCH_HELLO: &str = env!("PERCH_EXAMPLE_BENCH_HELLO");
     /// Fixture: `GET`s its `url` config value on every tick.
     pub const FETCHER: &str = env!("PERCH_EXAMPLE_FETCHER");
+    /// Fixture: calls sensors or GPIO N times in one invocation (boundary benchmark).
+    pub const HWLOOP: &str = env!("PERCH_EXAMPLE_HWLOOP");
     /// Fixture: drives the `fan` GPIO line without a GPIO grant.
     pub const UNGRANTED: &str = env!("PERCH_EXAMPLE_UNGRANTED");
 

@@ -382,6 +382,108 @@ fn bench_cold_start(rows: &mut Vec<Row>, launches: usize) -> Result<()> {
     Ok(())
 }
 
+// --- hardware calls through the component boundary ---------------------------------------
+
+fn bench_boundary(rows: &mut Vec<Row>) -> Result<()> {
+    progress("sensor read and GPIO write through the component boundary vs native calls");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = tempfile::tempdir()?;
+    rt.block_on(async {
+        let cfg = config_in(dir.path());
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(
+            dir.path().join("data"),
+            &SledOptions::default(),
+        )?);
+        let wasm = examples::bytes(examples::HWLOOP);
+        let digest = store.put_blob(&wasm, None)?;
+        let runtime = Runtime::new(cfg.clone(), store.clone())?;
+        let grants: perch_core::Grants =
+            serde_json::from_str(r#"{"gpio":{"write":["led"]},"sensors":["room-temp"]}"#)?;
+        let spec = ComponentSpec {
+            name: "hwloop".into(),
+            digest,
+            triggers: vec![Trigger::Message("hwloop".into())],
+            limits: perch_core::Limits {
+                timeout: Some(perch_core::HumanDuration(Duration::from_secs(60))),
+                ..Default::default()
+            },
+            grants: Some(grants),
+            config: Default::default(),
+            signer: None,
+        };
+        let running = runtime.activate(runtime.prepare(spec).await?);
+        let board = runtime.board().clone();
+        let n: u32 = 20_000;
+        let rounds = 7;
+
+        let call = |payload: String| Call::Message {
+            subject: "hwloop".into(),
+            payload: bytes::Bytes::from(payload),
+        };
+        for (what, label) in [
+            ("sensor", "sensor read (`room-temp`, sim board)"),
+            ("gpio", "GPIO write (`led`, sim board)"),
+        ] {
+            let (mut through, mut native) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                // One invocation of N calls minus one of 0 calls: the per-call cost alone.
+                let t = Instant::now();
+                let out = runtime
+                    .invoke(&running, call(format!("{what} 0")), true)
+                    .await;
+                let empty = t.elapsed();
+                if out != Outcome::Ok {
+                    bail!("hwloop failed: {out:?}");
+                }
+                let t = Instant::now();
+                let out = runtime
+                    .invoke(&running, call(format!("{what} {n}")), true)
+                    .await;
+                let full = t.elapsed();
+                if out != Outcome::Ok {
+                    bail!("hwloop failed: {out:?}");
+                }
+                through.push(full.saturating_sub(empty) / n);
+                let t = Instant::now();
+                for i in 0..n {
+                    if what == "sensor" {
+                        std::hint::black_box(
+                            board
+                                .sensor_read("room-temp")
+                                .map_err(|e| anyhow::anyhow!("{e}"))?,
+                        );
+                    } else {
+                        board
+                            .gpio_write("led", i % 2 == 0)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                }
+                native.push(t.elapsed() / n);
+            }
+            through.sort();
+            native.sort();
+            let (c, b) = (pct(&through, 0.5), pct(&native, 0.5));
+            rows.push(Row {
+                name: format!("{label}, per call, median of {rounds} rounds of {n}"),
+                perch: format!("{:.2} us through the component", c.as_secs_f64() * 1e6),
+                baseline: format!(
+                    "{:.2} us native call, same board object",
+                    b.as_secs_f64() * 1e6
+                ),
+                ratio: format!(
+                    "+{:.2} us boundary overhead",
+                    (c.as_secs_f64() - b.as_secs_f64()).max(0.0) * 1e6
+                ),
+                goal: "overhead <= 2 us".into(),
+            });
+        }
+        Ok(())
+    })
+}
+
 // --- idle RSS -----------------------------------------------------------------------------
 
 fn bench_idle_rss(rows: &mut Vec<Row>, idle_secs: u64) -> Result<()> {
@@ -676,6 +778,9 @@ fn main() -> Result<()> {
     }
     if want("idle-rss") {
         bench_idle_rss(&mut rows, args.idle_secs)?;
+    }
+    if want("boundary") {
+        bench_boundary(&mut rows)?;
     }
     println!("Machine: {}\n", machine());
     println!("| benchmark | perch | baseline (same run) | ratio | goal |");
