@@ -151,3 +151,55 @@ fn an_unknown_board_is_a_config_error_naming_the_known_ones() -> anyhow::Result<
     assert!(log.contains("raspberry-pi-4"), "{log}");
     Ok(())
 }
+
+#[test]
+fn a_component_reading_sensors_in_a_tight_loop_does_not_starve_others() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agent = Perchd::start(dir.path(), Launch::default())?;
+    // hwloop with its manifest (grants room-temp), limited to 3 s per invocation.
+    let hwloop = artifact(
+        examples::HWLOOP,
+        &repo_root().join("fixtures/hwloop/Cargo.toml"),
+        None,
+        |m| m.limits.timeout = Some("3s".parse().expect("duration")),
+    )?;
+    let r = agent.deploy_artifact(&hwloop)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = agent.deploy("timer", &examples::bytes(examples::TIMER), "every=50ms")?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    agent.wait_for(Duration::from_secs(10), "the timer ticking", |a| {
+        let c = a.component("timer")?;
+        Ok((c["invocations"].as_u64() >= Some(3)).then_some(()))
+    })?;
+
+    // Billions of reads: the loop runs until its timeout, on the same two workers.
+    let before = agent.component("timer")?["invocations"]
+        .as_u64()
+        .unwrap_or(0);
+    let started = std::time::Instant::now();
+    let r = agent.publish("hwloop", b"sensor 2000000000")?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = agent.wait_for(Duration::from_secs(20), "the loop to time out", |a| {
+        let c = a.component("hwloop")?;
+        Ok((c["failures"].as_u64() >= Some(1)).then_some(c))
+    })?;
+    let busy = started.elapsed();
+    let ticks = agent.component("timer")?["invocations"]
+        .as_u64()
+        .unwrap_or(0)
+        - before;
+    assert!(
+        c["last-error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{c}"
+    );
+    // 50 ms ticks over about 3 s: most of them still ran, and the API answered throughout.
+    let expected = busy.as_millis() as u64 / 50;
+    assert!(
+        ticks * 2 >= expected,
+        "only {ticks} ticks in {busy:?} while the loop ran (expected about {expected})"
+    );
+    Ok(())
+}
