@@ -177,6 +177,9 @@ pub fn print_status(s: &Value) {
         human_bytes(s["rss-bytes"].as_u64().unwrap_or(0)),
         text(&s["allocator"]),
     );
+    for missing in s["hardware-missing"].as_array().into_iter().flatten() {
+        anstream::println!("  missing hardware: {}", text(missing));
+    }
     let rows: Vec<Vec<String>> = s["components"]
         .as_array()
         .into_iter()
