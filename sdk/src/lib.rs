@@ -58,6 +58,7 @@ pub mod __private {
         });
     }
 
+    pub use bindings::exports::perch::device::gpio_handler::Guest as GpioGuest;
     pub use bindings::exports::perch::device::lifecycle::Guest as LifecycleGuest;
     pub use bindings::exports::perch::device::message_handler::Guest as MessageGuest;
     pub use bindings::exports::perch::device::timer::Guest as TimerGuest;
@@ -234,6 +235,13 @@ pub trait App {
         Ok(())
     }
 
+    /// Runs when a watched GPIO line changes level (`{ gpio = "button", edge = "falling" }`
+    /// trigger); `high` is the new logical level.
+    fn on_gpio(line: String, high: bool) -> Result<()> {
+        let _ = (line, high);
+        Ok(())
+    }
+
     /// Answers a request under an `{ http = "/..." }` route.
     fn on_http(request: Request) -> Response {
         Response::text(404, format!("no handler for {}\n", request.path))
@@ -274,6 +282,15 @@ macro_rules! export {
                     subject,
                     payload,
                 }))
+            }
+        }
+
+        impl $crate::__private::GpioGuest for __PerchExports {
+            fn on_edge(
+                line: ::std::string::String,
+                high: bool,
+            ) -> ::core::result::Result<(), ::std::string::String> {
+                $crate::__private::outcome(<$app as $crate::App>::on_gpio(line, high))
             }
         }
 

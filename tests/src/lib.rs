@@ -34,6 +34,8 @@ pub mod examples {
     pub const FETCHER: &str = env!("PERCH_EXAMPLE_FETCHER");
     /// Fixture: calls sensors or GPIO N times in one invocation (boundary benchmark).
     pub const HWLOOP: &str = env!("PERCH_EXAMPLE_HWLOOP");
+    /// Fixture: counts debounced falling edges of the `button` line.
+    pub const BUTTON: &str = env!("PERCH_EXAMPLE_BUTTON");
     /// Fixture: drives the `fan` GPIO line without a GPIO grant.
     pub const UNGRANTED: &str = env!("PERCH_EXAMPLE_UNGRANTED");
 

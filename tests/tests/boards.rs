@@ -203,3 +203,77 @@ fn a_component_reading_sensors_in_a_tight_loop_does_not_starve_others() -> anyho
     );
     Ok(())
 }
+
+#[test]
+fn gpio_edges_trigger_components_with_debounce() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agent = Perchd::start(dir.path(), Launch::default())?;
+    let bytes = artifact(
+        examples::BUTTON,
+        &repo_root().join("fixtures/button/Cargo.toml"),
+        None,
+        |_| {},
+    )?;
+    let r = agent.deploy_artifact(&bytes)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let set = |level: &str| -> anyhow::Result<()> {
+        let r = agent.request(
+            "PUT",
+            "/v1/board/gpio/button",
+            Some(level.as_bytes().to_vec()),
+        )?;
+        anyhow::ensure!(r.status == 200, "{}", r.body);
+        Ok(())
+    };
+    let calls = |a: &Perchd| -> anyhow::Result<u64> {
+        Ok(a.component("button")?["invocations"].as_u64().unwrap_or(0))
+    };
+
+    // Pressed: a rising edge, which this trigger ignores; released: a falling edge.
+    set("1")?;
+    set("0")?;
+    agent.wait_for(Duration::from_secs(10), "the first press", |a| {
+        Ok((calls(a)? >= 1).then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_millis(700));
+
+    // Contact bounce: four quick changes count once.
+    for level in ["1", "0", "1", "0", "1", "0"] {
+        set(level)?;
+    }
+    agent.wait_for(Duration::from_secs(10), "the second press", |a| {
+        Ok((calls(a)? >= 2).then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(calls(&agent)?, 2);
+    let logs = agent.get("/v1/components/button/logs?limit=10")?;
+    assert!(
+        logs.to_string().contains("press 2 (button high=false)"),
+        "{logs}"
+    );
+
+    // Outputs and unknown lines cannot be set; a trigger on an ungranted line is refused.
+    let r = agent.request("PUT", "/v1/board/gpio/fan", Some(b"1".to_vec()))?;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let r = agent.request("PUT", "/v1/board/gpio/doorbell", Some(b"1".to_vec()))?;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let ungranted = artifact(
+        examples::BUTTON,
+        &repo_root().join("fixtures/button/Cargo.toml"),
+        None,
+        |m| {
+            m.name = "peeker".into();
+            m.grants = Default::default();
+        },
+    )?;
+    let r = agent.deploy_artifact(&ungranted)?;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.to_string().contains(
+            "component `peeker` has a gpio trigger on line `button` but no grant to read it"
+        ),
+        "{}",
+        r.body
+    );
+    Ok(())
+}

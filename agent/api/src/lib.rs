@@ -64,6 +64,7 @@ pub fn router(state: ApiState) -> Router {
                 .put(deploy_unnamed),
         )
         .route("/v1/telemetry", get(telemetry))
+        .route("/v1/board/gpio/{line}", put(set_gpio).post(set_gpio))
         .route(
             "/v1/components/{name}",
             get(get_component)
@@ -270,6 +271,24 @@ async fn deploy_component(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     deploy(s, Some(name), q, body).await
+}
+
+async fn set_gpio(
+    State(s): State<ApiState>,
+    Path(line): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let high = match std::str::from_utf8(&body).map(str::trim) {
+        Ok("1" | "high" | "true") => true,
+        Ok("0" | "low" | "false") => false,
+        _ => {
+            return Err(bad_request(
+                "the body is the level to set: `1`, `high` or `true`; `0`, `low` or `false`",
+            ));
+        }
+    };
+    let reply = run(&s, Command::SetGpioInput { line, high }).await?;
+    Ok(axum::Json(reply).into_response())
 }
 
 async fn telemetry(State(s): State<ApiState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {

@@ -51,6 +51,8 @@ pub enum Command {
     Publish { subject: String, payload: Vec<u8> },
     /// The newest telemetry records held in the outbox.
     Telemetry { limit: usize },
+    /// Sets a simulated GPIO input line (the sim board's button).
+    SetGpioInput { line: String, high: bool },
 }
 
 /// A desired-state document as submitted: the revision is optional (next one if absent).
@@ -81,6 +83,15 @@ pub enum Reply {
     Metrics(String),
     Published(Published),
     Telemetry(Vec<TelemetryRecord>),
+    Gpio(GpioLevel),
+}
+
+/// A GPIO line's level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GpioLevel {
+    pub line: String,
+    pub high: bool,
 }
 
 /// A telemetry record from the outbox.

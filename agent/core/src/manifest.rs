@@ -22,7 +22,7 @@ pub const MANIFEST_SECTION: &str = "perch-manifest";
 /// Longest config key or grant name.
 pub const MAX_NAME: usize = 128;
 
-const TRIGGER_KINDS: &[&str] = &["every", "http", "message", "startup"];
+const TRIGGER_KINDS: &[&str] = &["every", "http", "message", "startup", "gpio"];
 const GRANT_KINDS: &[&str] = &["gpio", "sensors", "telemetry", "http"];
 const GPIO_MODES: &[&str] = &["read", "write"];
 const LIMIT_KEYS: &[&str] = &["memory", "timeout", "instances"];
@@ -235,6 +235,9 @@ fn parse_trigger(root: &mut Walker<'_>, key: &str, item: toml::Value) -> Option<
         );
         return None;
     };
+    if t.contains_key("gpio") {
+        return parse_gpio_trigger(root, key, t);
+    }
     if t.len() != 1 {
         let found: Vec<&str> = t.keys().map(String::as_str).collect();
         root.problem(
@@ -302,6 +305,55 @@ fn parse_trigger(root: &mut Walker<'_>, key: &str, item: toml::Value) -> Option<
         return None;
     }
     Some(trigger)
+}
+
+/// `{ gpio = "button", edge = "falling", debounce = "20ms" }`.
+fn parse_gpio_trigger(root: &mut Walker<'_>, key: &str, t: toml::Table) -> Option<Trigger> {
+    let mut ok = true;
+    let mut line = String::new();
+    let mut edge = crate::spec::Edge::Both;
+    let mut debounce = None;
+    for (k, v) in t {
+        let here = format!("{key}.{k}");
+        match (k.as_str(), v.as_str()) {
+            ("gpio", Some(l)) => line = l.to_string(),
+            ("edge", Some(e)) => match e.parse() {
+                Ok(e) => edge = e,
+                Err(problem) => {
+                    root.problem(&here, problem);
+                    ok = false;
+                }
+            },
+            ("debounce", Some(d)) => match d.parse::<HumanDuration>() {
+                Ok(d) => debounce = Some(d),
+                Err(e) => {
+                    root.problem(&here, e.to_string());
+                    ok = false;
+                }
+            },
+            ("gpio" | "edge" | "debounce", None) => {
+                root.problem(&here, format!("expected a string, found {}", v.type_str()));
+                ok = false;
+            }
+            (other, _) => {
+                root.problem(
+                    &here,
+                    format!("a gpio trigger has `gpio`, `edge` and `debounce`, not `{other}`"),
+                );
+                ok = false;
+            }
+        }
+    }
+    let trigger = Trigger::Gpio {
+        line,
+        edge,
+        debounce,
+    };
+    if let Err(problem) = trigger.check() {
+        root.problem(&format!("{key}.gpio"), problem);
+        return None;
+    }
+    ok.then_some(trigger)
 }
 
 /// A list of resource names, each checked.
@@ -675,6 +727,33 @@ grants = { sensor = ["room-temp"], camera = ["front"] }"#
             [
                 "package.metadata.perch.grants.camera: unknown grant `camera`; the grants are gpio, sensors, telemetry, http",
                 "package.metadata.perch.grants.sensor: unknown grant `sensor`; did you mean `sensors`?",
+            ]
+        );
+    }
+
+    #[test]
+    fn gpio_triggers_take_an_edge_and_a_debounce() {
+        let m = Manifest::from_cargo_toml(
+            &cargo(
+                r#"triggers = [{ gpio = "button", edge = "falling", debounce = "20ms" }]
+grants = { gpio = { read = ["button"] } }"#,
+            ),
+            "Cargo.toml",
+        )
+        .expect("valid");
+        assert_eq!(
+            m.triggers,
+            [Trigger::Gpio {
+                line: "button".into(),
+                edge: crate::spec::Edge::Falling,
+                debounce: Some(HumanDuration(Duration::from_millis(20)))
+            }]
+        );
+        assert_eq!(
+            problems(r#"triggers = [{ gpio = "button", edge = "down", bounce = "2ms" }]"#),
+            [
+                "package.metadata.perch.triggers[0].bounce: a gpio trigger has `gpio`, `edge` and `debounce`, not `bounce`",
+                "package.metadata.perch.triggers[0].edge: `down` is not an edge: use `rising`, `falling` or `both`",
             ]
         );
     }

@@ -56,6 +56,51 @@ pub enum Trigger {
     Message(String),
     /// Call `perch:device/lifecycle.on-start` once when the component starts.
     Startup,
+    /// Call `perch:device/gpio-handler.on-edge` when GPIO line `line` changes level. Changes
+    /// within `debounce` of the last one passed on are dropped (contact bounce).
+    Gpio {
+        line: String,
+        edge: Edge,
+        debounce: Option<HumanDuration>,
+    },
+}
+
+/// Which level changes of a GPIO line trigger a component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Edge {
+    /// Low to high.
+    Rising,
+    /// High to low.
+    Falling,
+    /// Either.
+    Both,
+}
+
+impl Edge {
+    /// Whether a change to level `high` is an edge of this kind.
+    pub fn matches(self, high: bool) -> bool {
+        match self {
+            Edge::Rising => high,
+            Edge::Falling => !high,
+            Edge::Both => true,
+        }
+    }
+}
+
+impl std::str::FromStr for Edge {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rising" => Ok(Edge::Rising),
+            "falling" => Ok(Edge::Falling),
+            "both" => Ok(Edge::Both),
+            other => Err(format!(
+                "`{other}` is not an edge: use `rising`, `falling` or `both`"
+            )),
+        }
+    }
 }
 
 /// The wire form of a trigger: a table with exactly one key, e.g. `{ every = "5s" }`.
@@ -70,6 +115,12 @@ struct RawTrigger {
     message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     startup: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gpio: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    edge: Option<Edge>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    debounce: Option<HumanDuration>,
 }
 
 impl Serialize for Trigger {
@@ -80,6 +131,15 @@ impl Serialize for Trigger {
             Trigger::Http(r) => raw.http = Some(r.clone()),
             Trigger::Message(m) => raw.message = Some(m.clone()),
             Trigger::Startup => raw.startup = Some(true),
+            Trigger::Gpio {
+                line,
+                edge,
+                debounce,
+            } => {
+                raw.gpio = Some(line.clone());
+                raw.edge = Some(*edge);
+                raw.debounce = *debounce;
+            }
         }
         raw.serialize(s)
     }
@@ -98,6 +158,19 @@ impl<'de> Deserialize<'de> for Trigger {
         if let Some(m) = raw.message {
             found.push(Trigger::Message(m));
         }
+        match raw.gpio {
+            Some(line) => found.push(Trigger::Gpio {
+                line,
+                edge: raw.edge.unwrap_or(Edge::Both),
+                debounce: raw.debounce,
+            }),
+            None if raw.edge.is_some() || raw.debounce.is_some() => {
+                return Err(serde::de::Error::custom(
+                    "`edge` and `debounce` belong to a `gpio` trigger, e.g. `{ gpio = \"button\", edge = \"falling\" }`",
+                ));
+            }
+            None => {}
+        }
         match raw.startup {
             Some(true) => found.push(Trigger::Startup),
             Some(false) => {
@@ -110,10 +183,10 @@ impl<'de> Deserialize<'de> for Trigger {
         match found.len() {
             1 => Ok(found.remove(0)),
             0 => Err(serde::de::Error::custom(
-                "a trigger needs one of `every`, `http`, `message` or `startup`",
+                "a trigger needs one of `every`, `http`, `message`, `startup` or `gpio`",
             )),
             _ => Err(serde::de::Error::custom(
-                "a trigger has exactly one of `every`, `http`, `message` or `startup`; write one trigger per entry",
+                "a trigger has exactly one of `every`, `http`, `message`, `startup` or `gpio`; write one trigger per entry",
             )),
         }
     }
@@ -129,8 +202,29 @@ impl Trigger {
             "http" => Ok(Trigger::Http(value.to_string())),
             "message" => Ok(Trigger::Message(value.to_string())),
             "startup" if value.is_empty() => Ok(Trigger::Startup),
+            "gpio" if !value.is_empty() => {
+                // gpio:LINE[:EDGE[:DEBOUNCE]]
+                let mut parts = value.split(':');
+                let line = parts.next().unwrap_or_default().to_string();
+                let edge = match parts.next() {
+                    Some(e) => e.parse()?,
+                    None => Edge::Both,
+                };
+                let debounce = match parts.next() {
+                    Some(d) => Some(
+                        d.parse()
+                            .map_err(|e: crate::units::UnitError| e.to_string())?,
+                    ),
+                    None => None,
+                };
+                Ok(Trigger::Gpio {
+                    line,
+                    edge,
+                    debounce,
+                })
+            }
             _ => Err(format!(
-                "unknown trigger `{s}`: expected `every:<duration>`, `http:<route>`, `message:<subject>` or `startup`"
+                "unknown trigger `{s}`: expected `every:<duration>`, `http:<route>`, `message:<subject>`, `startup` or `gpio:<line>[:<edge>[:<debounce>]]`"
             )),
         }
     }
@@ -142,6 +236,21 @@ impl Trigger {
             }
             Trigger::Http(route) => check_route(route),
             Trigger::Message(subject) => check_subject_pattern(subject),
+            Trigger::Gpio { line, debounce, .. } => {
+                if line.is_empty()
+                    || !line
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
+                    return Err(format!("GPIO line name `{line}` is invalid"));
+                }
+                match debounce {
+                    Some(d) if d.0 > std::time::Duration::from_secs(10) => {
+                        Err(format!("debounce `{d}` is above the 10s maximum"))
+                    }
+                    _ => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -505,6 +614,28 @@ sensors = ["door"]"#,
             ]
         );
         assert_eq!(serde_json::to_string(&ts).expect("ser"), json);
+    }
+
+    #[test]
+    fn gpio_triggers_round_trip() {
+        let json = r#"[{"gpio":"button","edge":"falling","debounce":"20ms"},{"gpio":"door","edge":"both"}]"#;
+        let ts: Vec<Trigger> = serde_json::from_str(json).expect("parse");
+        assert_eq!(
+            ts[0],
+            Trigger::Gpio {
+                line: "button".into(),
+                edge: Edge::Falling,
+                debounce: Some(HumanDuration(Duration::from_millis(20)))
+            }
+        );
+        assert_eq!(serde_json::to_string(&ts).expect("ser"), json);
+        assert_eq!(
+            Trigger::parse_short("gpio:button:falling:20ms"),
+            Ok(ts[0].clone())
+        );
+        let e = serde_json::from_str::<Trigger>(r#"{"edge":"falling"}"#).expect_err("no line");
+        assert!(e.to_string().contains("belong to a `gpio` trigger"), "{e}");
+        assert!(Edge::Falling.matches(false) && !Edge::Falling.matches(true));
     }
 
     #[test]

@@ -756,6 +756,16 @@ impl CommandHandler for Agent {
                 Command::RemoveComponent { name } => self.remove(&name).await,
                 Command::Logs { name, limit } => self.logs(&name, limit).map(Reply::Logs),
                 Command::Metrics => Ok(Reply::Metrics(self.metrics())),
+                Command::SetGpioInput { line, high } => {
+                    use perch_runtime::board::HwError;
+                    match self.runtime.board().set_input(&line, high) {
+                        Ok(()) => Ok(Reply::Gpio(perch_core::command::GpioLevel { line, high })),
+                        Err(e @ HwError::Unknown { .. }) => {
+                            Err(CommandError::new(ErrorKind::NotFound, e.to_string()))
+                        }
+                        Err(e) => Err(rejected(e)),
+                    }
+                }
                 Command::Telemetry { limit } => {
                     let records = self
                         .store

@@ -61,6 +61,18 @@ pub trait Board: Send + Sync + std::fmt::Debug {
     fn missing(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Level changes of input lines, as `(line, new logical level)`, if the board reports
+    /// them.
+    fn edges(&self) -> Option<tokio::sync::broadcast::Receiver<(String, bool)>> {
+        None
+    }
+    /// Sets a simulated input line (a test or a developer pressing the sim button).
+    fn set_input(&self, line: &str, high: bool) -> Result<(), HwError> {
+        let _ = high;
+        Err(HwError::Device(format!(
+            "GPIO line `{line}` is not simulated: only sim lines can be set"
+        )))
+    }
 }
 
 /// The built-in `sim` board config, used when no `sim.toml` is found in the boards dirs.
@@ -201,6 +213,20 @@ impl Board for ConfiguredBoard {
         })
     }
 
+    fn edges(&self) -> Option<tokio::sync::broadcast::Receiver<(String, bool)>> {
+        Some(self.sim.edges.subscribe())
+    }
+
+    fn set_input(&self, line: &str, high: bool) -> Result<(), HwError> {
+        match self.config.gpio.get(line) {
+            Some(l) if l.source == LineSource::Sim => self.sim.set_input(line, high),
+            Some(_) => Err(HwError::Device(format!(
+                "GPIO line `{line}` is not simulated: only sim lines can be set"
+            ))),
+            None => Err(self.unknown("GPIO line", line)),
+        }
+    }
+
     fn missing(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (name, line) in &self.config.gpio {
@@ -257,6 +283,8 @@ struct SimState {
 pub struct SimBoard {
     start: Instant,
     state: Mutex<SimState>,
+    /// Level changes of input lines.
+    edges: tokio::sync::broadcast::Sender<(String, bool)>,
 }
 
 impl Default for SimBoard {
@@ -286,6 +314,7 @@ impl SimBoard {
             .collect();
         Self {
             start,
+            edges: tokio::sync::broadcast::channel(64).0,
             state: Mutex::new(SimState {
                 lines,
                 temp_c: curve(0.0),
@@ -305,7 +334,11 @@ impl SimBoard {
         let mut s = self.lock();
         match s.lines.get_mut(line) {
             Some((level, false)) => {
-                *level = value;
+                if *level != value {
+                    *level = value;
+                    // Nobody listening is fine: no component watches the line.
+                    let _ = self.edges.send((line.to_string(), value));
+                }
                 Ok(())
             }
             Some(_) => Err(HwError::Device(format!("`{line}` is an output"))),

@@ -87,6 +87,7 @@ pub struct Loaded {
     pub on_tick: Option<ComponentExportIndex>,
     pub on_message: Option<ComponentExportIndex>,
     pub on_start: Option<ComponentExportIndex>,
+    pub on_edge: Option<ComponentExportIndex>,
     pub source: LoadSource,
     pub load_us: u64,
 }
@@ -237,6 +238,7 @@ fn link(
     let on_tick = export_func(&component, "timer", "on-tick");
     let on_message = export_func(&component, "message-handler", "on-message");
     let on_start = export_func(&component, "lifecycle", "on-start");
+    let on_edge = export_func(&component, "gpio-handler", "on-edge");
     let mut proxy = None;
     for t in &spec.triggers {
         match t {
@@ -251,6 +253,9 @@ fn link(
             }
             Trigger::Startup if on_start.is_none() => {
                 return Err(missing("startup", "perch:device/lifecycle.on-start"));
+            }
+            Trigger::Gpio { .. } if on_edge.is_none() => {
+                return Err(missing("gpio", "perch:device/gpio-handler.on-edge"));
             }
             Trigger::Http(_) if proxy.is_none() => {
                 proxy = Some(
@@ -268,6 +273,7 @@ fn link(
         on_tick,
         on_message,
         on_start,
+        on_edge,
         source,
         load_us: started.elapsed().as_micros() as u64,
     })

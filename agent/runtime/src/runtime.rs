@@ -97,6 +97,7 @@ pub enum Call {
     Start,
     Tick,
     Message { subject: String, payload: Bytes },
+    Gpio { line: String, high: bool },
 }
 
 impl Call {
@@ -105,6 +106,7 @@ impl Call {
             Call::Start => "on-start".into(),
             Call::Tick => "on-tick".into(),
             Call::Message { subject, .. } => format!("on-message `{subject}`"),
+            Call::Gpio { line, high } => format!("on-edge `{line}` high={high}"),
         }
     }
 }
@@ -269,6 +271,16 @@ impl Runtime {
             }
         };
         let mut problems = Vec::new();
+        for t in &spec.triggers {
+            if let Trigger::Gpio { line, .. } = t
+                && !grants.gpio_read(line)
+            {
+                problems.push(format!(
+                    "component `{}` has a gpio trigger on line `{line}` but no grant to read it: add it to `grants.gpio.read`",
+                    spec.name
+                ));
+            }
+        }
         for line in grants.gpio.read.iter().chain(&grants.gpio.write) {
             if !lines.contains(line) {
                 problems.push(format!(
@@ -503,6 +515,49 @@ impl Runtime {
             }
             futures::future::join_all(timers).await;
         }));
+        for t in &spec.triggers {
+            let Trigger::Gpio {
+                line,
+                edge,
+                debounce,
+            } = t
+            else {
+                continue;
+            };
+            let Some(mut rx) = self.board.edges() else {
+                continue;
+            };
+            let (rt, run) = (self.clone(), r.clone());
+            let (line, edge, debounce) = (line.clone(), *edge, debounce.map(|d| d.0));
+            tasks.push(tokio::spawn(async move {
+                let mut last: Option<Instant> = None;
+                loop {
+                    let (changed, high) = match rx.recv().await {
+                        Ok(ev) => ev,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(component = %run.name(), line = %line, missed = n, "GPIO edges dropped: the component is slower than the line");
+                            continue;
+                        }
+                        Err(_) => return,
+                    };
+                    if changed != line || !edge.matches(high) {
+                        continue;
+                    }
+                    // Contact bounce: drop changes within `debounce` of the last one passed on.
+                    let now = Instant::now();
+                    if let (Some(d), Some(prev)) = (debounce, last)
+                        && now.duration_since(prev) < d
+                    {
+                        continue;
+                    }
+                    last = Some(now);
+                    let (rt, run, line) = (rt.clone(), run.clone(), line.clone());
+                    tokio::spawn(async move {
+                        rt.invoke(&run, Call::Gpio { line, high }, false).await;
+                    });
+                }
+            }));
+        }
         for t in &spec.triggers {
             if let Trigger::Message(pattern) = t {
                 let (id, mut rx) = self.bus.subscribe(&spec.name, pattern, MESSAGE_QUEUE);
@@ -846,6 +901,12 @@ async fn call_export(store: &mut WtStore<Host>, loaded: &Loaded, call: &Call) ->
             let idx = loaded.on_tick.as_ref().ok_or_else(missing)?;
             let f = instance.get_typed_func::<(), (Result<(), String>,)>(&mut *store, idx)?;
             Ok(f.call_async(&mut *store, ()).await?.0)
+        }
+        Call::Gpio { line, high } => {
+            let idx = loaded.on_edge.as_ref().ok_or_else(missing)?;
+            let f =
+                instance.get_typed_func::<(&str, bool), (Result<(), String>,)>(&mut *store, idx)?;
+            Ok(f.call_async(&mut *store, (line.as_str(), *high)).await?.0)
         }
         Call::Message { subject, payload } => {
             let idx = loaded.on_message.as_ref().ok_or_else(missing)?;
