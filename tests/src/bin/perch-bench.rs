@@ -99,6 +99,41 @@ fn config_in(dir: &Path) -> AgentConfig {
 
 // --- fresh store + instantiate + call + drop ---------------------------------------------
 
+/// The tokio runtime the in-process benches use: two workers, like the device.
+fn bench_tokio() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Runs `wasm` as component `name` in an in-process runtime whose store is in `dir`.
+async fn start_in_process(
+    dir: &Path,
+    wasm: &[u8],
+    name: &str,
+    triggers: Vec<Trigger>,
+    limits: perch_core::Limits,
+    grants: Option<perch_core::Grants>,
+) -> Result<(AgentConfig, Arc<Runtime>, Arc<perch_runtime::Running>)> {
+    let cfg = config_in(dir);
+    let store: Arc<dyn Store> =
+        Arc::new(SledStore::open(dir.join("data"), &SledOptions::default())?);
+    let digest = store.put_blob(wasm, None)?;
+    let runtime = Runtime::new(cfg.clone(), store)?;
+    let spec = ComponentSpec {
+        name: name.into(),
+        digest,
+        triggers,
+        limits,
+        grants,
+        config: Default::default(),
+        signer: None,
+    };
+    let running = runtime.activate(runtime.prepare(spec).await?);
+    Ok((cfg, runtime, running))
+}
+
 struct BareState {
     wasi: wasmtime_wasi::WasiCtx,
     table: ResourceTable,
@@ -115,33 +150,21 @@ impl wasmtime_wasi::WasiView for BareState {
 
 fn bench_invoke(rows: &mut Vec<Row>) -> Result<()> {
     progress("fresh store + instantiate + call + drop (noop) vs a bare wasmtime embedding");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = bench_tokio()?;
     let dir = tempfile::tempdir()?;
     rt.block_on(async {
-        let cfg = config_in(dir.path());
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(
-            dir.path().join("data"),
-            &SledOptions::default(),
-        )?);
         let noop = examples::bytes(examples::NOOP);
-        let digest = store.put_blob(&noop, None)?;
-        let runtime = Runtime::new(cfg.clone(), store.clone())?;
-        let spec = ComponentSpec {
-            name: "noop".into(),
-            digest,
-            triggers: vec![Trigger::Every(perch_core::HumanDuration(
+        let (cfg, runtime, running) = start_in_process(
+            dir.path(),
+            &noop,
+            "noop",
+            vec![Trigger::Every(perch_core::HumanDuration(
                 Duration::from_secs(3600),
             ))],
-            limits: Default::default(),
-            grants: None,
-            config: Default::default(),
-            signer: None,
-        };
-        let loaded = runtime.prepare(spec).await?;
-        let running = runtime.activate(loaded);
+            Default::default(),
+            None,
+        )
+        .await?;
 
         // The bare embedding: the same engine settings (pooling allocator), plain WASI.
         let (engine, _) = perch_runtime::engine::build_engine(&cfg)?;
@@ -386,35 +409,23 @@ fn bench_cold_start(rows: &mut Vec<Row>, launches: usize) -> Result<()> {
 
 fn bench_boundary(rows: &mut Vec<Row>) -> Result<()> {
     progress("sensor read and GPIO write through the component boundary vs native calls");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = bench_tokio()?;
     let dir = tempfile::tempdir()?;
     rt.block_on(async {
-        let cfg = config_in(dir.path());
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(
-            dir.path().join("data"),
-            &SledOptions::default(),
-        )?);
-        let wasm = examples::bytes(examples::HWLOOP);
-        let digest = store.put_blob(&wasm, None)?;
-        let runtime = Runtime::new(cfg.clone(), store.clone())?;
         let grants: perch_core::Grants =
             serde_json::from_str(r#"{"gpio":{"write":["led"]},"sensors":["room-temp"]}"#)?;
-        let spec = ComponentSpec {
-            name: "hwloop".into(),
-            digest,
-            triggers: vec![Trigger::Message("hwloop".into())],
-            limits: perch_core::Limits {
+        let (_, runtime, running) = start_in_process(
+            dir.path(),
+            &examples::bytes(examples::HWLOOP),
+            "hwloop",
+            vec![Trigger::Message("hwloop".into())],
+            perch_core::Limits {
                 timeout: Some(perch_core::HumanDuration(Duration::from_secs(60))),
                 ..Default::default()
             },
-            grants: Some(grants),
-            config: Default::default(),
-            signer: None,
-        };
-        let running = runtime.activate(runtime.prepare(spec).await?);
+            Some(grants),
+        )
+        .await?;
         let board = runtime.board().clone();
         let n: u32 = 20_000;
         let rounds = 7;
@@ -534,10 +545,7 @@ fn bench_idle_rss(rows: &mut Vec<Row>, idle_secs: u64) -> Result<()> {
 
 fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
     progress("memory per live instance and address space for 1000 instances");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = bench_tokio()?;
     let dir = tempfile::tempdir()?;
     let me = std::process::id().to_string();
     let n = 1000;
