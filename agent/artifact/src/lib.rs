@@ -260,48 +260,8 @@ pub struct Artifact {
 /// present but unreadable one is an error.
 pub fn inspect(bytes: &[u8]) -> Result<Artifact, ArtifactError> {
     let secs = sections(bytes)?;
-    let manifest = match secs
-        .iter()
-        .rfind(|s| s.name.as_deref() == Some(MANIFEST_SECTION))
-    {
-        Some(s) => Some(
-            Manifest::from_section(&bytes[s.payload.clone()]).map_err(ArtifactError::Manifest)?,
-        ),
-        None => None,
-    };
-    let signature = match secs
-        .iter()
-        .position(|s| s.name.as_deref() == Some(SIGNATURE_SECTION))
-    {
-        Some(i) => {
-            let raw: SignatureSection = serde_json::from_slice(&bytes[secs[i].payload.clone()])
-                .map_err(|e| ArtifactError::SignatureSection(e.to_string()))?;
-            let key: PublicKey = raw.key.parse().map_err(ArtifactError::SignatureSection)?;
-            let signed_digest: Digest =
-                raw.signed_digest
-                    .parse()
-                    .map_err(|e: perch_core::DigestError| {
-                        ArtifactError::SignatureSection(e.to_string())
-                    })?;
-            let sig_bytes: [u8; 64] = B64
-                .decode(raw.signature.as_bytes())
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| {
-                    ArtifactError::SignatureSection("the signature is not 64 base64 bytes".into())
-                })?;
-            let sig = ed25519_dalek::Signature::from_bytes(&sig_bytes);
-            let valid = key.verifies(&message(&signed_digest), &sig);
-            Some(SignatureInfo {
-                key,
-                signed_digest,
-                actual_digest: signed_digest_of(bytes, &secs),
-                last: i + 1 == secs.len(),
-                valid,
-            })
-        }
-        None => None,
-    };
+    let manifest = embedded_manifest(bytes, &secs)?;
+    let signature = signature(bytes, &secs)?;
     let (imports, exports) = interface_names(bytes)?;
     Ok(Artifact {
         digest: Digest::of(bytes),
@@ -313,8 +273,50 @@ pub fn inspect(bytes: &[u8]) -> Result<Artifact, ArtifactError> {
     })
 }
 
-fn signed_digest_of(bytes: &[u8], secs: &[Section]) -> Digest {
-    signed_digest(bytes, secs)
+/// The last embedded manifest among `secs`, if any.
+fn embedded_manifest(bytes: &[u8], secs: &[Section]) -> Result<Option<Manifest>, ArtifactError> {
+    match secs
+        .iter()
+        .rfind(|s| s.name.as_deref() == Some(MANIFEST_SECTION))
+    {
+        Some(s) => Manifest::from_section(&bytes[s.payload.clone()])
+            .map(Some)
+            .map_err(ArtifactError::Manifest),
+        None => Ok(None),
+    }
+}
+
+/// The signature section among `secs`, read and checked against its key, if any.
+fn signature(bytes: &[u8], secs: &[Section]) -> Result<Option<SignatureInfo>, ArtifactError> {
+    let Some(i) = secs
+        .iter()
+        .position(|s| s.name.as_deref() == Some(SIGNATURE_SECTION))
+    else {
+        return Ok(None);
+    };
+    let raw: SignatureSection = serde_json::from_slice(&bytes[secs[i].payload.clone()])
+        .map_err(|e| ArtifactError::SignatureSection(e.to_string()))?;
+    let key: PublicKey = raw.key.parse().map_err(ArtifactError::SignatureSection)?;
+    let signed: Digest = raw
+        .signed_digest
+        .parse()
+        .map_err(|e: perch_core::DigestError| ArtifactError::SignatureSection(e.to_string()))?;
+    let sig_bytes: [u8; 64] = B64
+        .decode(raw.signature.as_bytes())
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| {
+            ArtifactError::SignatureSection("the signature is not 64 base64 bytes".into())
+        })?;
+    let sig = ed25519_dalek::Signature::from_bytes(&sig_bytes);
+    let valid = key.verifies(&message(&signed), &sig);
+    Ok(Some(SignatureInfo {
+        key,
+        signed_digest: signed,
+        actual_digest: signed_digest(bytes, secs),
+        last: i + 1 == secs.len(),
+        valid,
+    }))
 }
 
 /// The names of the component's top-level imports and exports.
@@ -510,19 +512,16 @@ pub enum SignatureError {
 /// Checks an artifact's signature against `policy`. Returns the signer (`None` for an
 /// accepted unsigned component).
 pub fn verify(bytes: &[u8], policy: &TrustPolicy) -> Result<Option<PublicKey>, SignatureError> {
+    // Only the sections are walked: verifying needs neither the manifest nor the imports.
     let secs = sections(bytes)?;
-    let Some(i) = secs
-        .iter()
-        .position(|s| s.name.as_deref() == Some(SIGNATURE_SECTION))
-    else {
+    let Some(info) = signature(bytes, &secs)? else {
         return if policy.allow_unsigned {
             Ok(None)
         } else {
             Err(SignatureError::Unsigned)
         };
     };
-    let info = inspect(bytes)?.signature.ok_or(SignatureError::Unsigned)?;
-    if i + 1 != secs.len() {
+    if !info.last {
         return Err(SignatureError::NotLast);
     }
     if info.signed_digest != info.actual_digest {
@@ -545,16 +544,7 @@ pub fn verify(bytes: &[u8], policy: &TrustPolicy) -> Result<Option<PublicKey>, S
 
 /// The embedded manifest of an artifact, if any.
 pub fn manifest(bytes: &[u8]) -> Result<Option<Manifest>, ArtifactError> {
-    let secs = sections(bytes)?;
-    match secs
-        .iter()
-        .rfind(|s| s.name.as_deref() == Some(MANIFEST_SECTION))
-    {
-        Some(s) => Manifest::from_section(&bytes[s.payload.clone()])
-            .map(Some)
-            .map_err(ArtifactError::Manifest),
-        None => Ok(None),
-    }
+    embedded_manifest(bytes, &sections(bytes)?)
 }
 
 #[cfg(test)]
