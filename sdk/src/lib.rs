@@ -55,6 +55,8 @@ pub mod __private {
             pub_export_macro: true,
             export_macro_name: "export_app",
             default_bindings_module: "perch_sdk::__private::bindings",
+            // wasi:logging, wasi:keyvalue and wasi:config come from `wit/deps/`.
+            generate_all,
         });
     }
 
@@ -77,6 +79,8 @@ pub mod __private {
 }
 
 use __private::bindings::perch::device as host;
+use __private::bindings::wasi::config::store as wasi_config;
+use __private::bindings::wasi::keyvalue as wasi_kv;
 
 /// What a host call or an app handler can fail with.
 ///
@@ -149,6 +153,15 @@ fn from_host(e: host::types::Error) -> Error {
             host::types::Error::Invalid(m) => Error::Invalid(m),
             host::types::Error::Io(m) => Error::Io(m),
         }
+    }
+}
+
+/// Keeps the kind of a key-value error.
+fn from_kv(e: wasi_kv::store::Error) -> Error {
+    match e {
+        wasi_kv::store::Error::NoSuchStore => Error::Io("no such key-value bucket".into()),
+        wasi_kv::store::Error::AccessDenied => Error::Denied("key-value bucket".into()),
+        wasi_kv::store::Error::Other(m) => Error::Io(m),
     }
 }
 
@@ -314,7 +327,11 @@ macro_rules! export {
 /// perch_sdk::log::info("started");
 /// ```
 pub mod log {
-    use super::host::log::{Level, log};
+    use super::__private::bindings::wasi::logging::logging::Level;
+
+    fn log(level: Level, message: &str) {
+        super::__private::bindings::wasi::logging::logging::log(level, "", message);
+    }
 
     /// Logs at trace level.
     ///
@@ -362,7 +379,8 @@ pub mod log {
     }
 }
 
-/// The component's own durable key-value namespace; it survives restarts and redeploys.
+/// The component's own durable key-value bucket (`wasi:keyvalue`); it survives restarts
+/// and redeploys, and is removed with the component.
 ///
 /// ```no_run
 /// perch_sdk::kv::set("mode", "auto")?;
@@ -370,7 +388,12 @@ pub mod log {
 /// # Ok::<(), perch_sdk::Error>(())
 /// ```
 pub mod kv {
-    use super::{Result, host};
+    use super::{Result, from_kv, wasi_kv};
+
+    /// The component's bucket. Opening is a handle lookup in the host, not I/O.
+    fn bucket() -> Result<wasi_kv::store::Bucket> {
+        wasi_kv::store::open("default").map_err(from_kv)
+    }
 
     /// The value of `key`, if set.
     ///
@@ -379,7 +402,7 @@ pub mod kv {
     /// # Ok::<(), perch_sdk::Error>(())
     /// ```
     pub fn get(key: &str) -> Result<Option<Vec<u8>>> {
-        host::kv::get(key).map_err(crate::from_host)
+        bucket()?.get(key).map_err(from_kv)
     }
 
     /// The value of `key` as text, if set.
@@ -395,14 +418,14 @@ pub mod kv {
         }
     }
 
-    /// Sets `key`.
+    /// Sets `key`; durable when this returns.
     ///
     /// ```no_run
     /// perch_sdk::kv::set("mode", "auto")?;
     /// # Ok::<(), perch_sdk::Error>(())
     /// ```
     pub fn set(key: &str, value: impl AsRef<[u8]>) -> Result<()> {
-        host::kv::set(key, value.as_ref()).map_err(crate::from_host)
+        bucket()?.set(key, value.as_ref()).map_err(from_kv)
     }
 
     /// Deletes `key`; returns whether it existed.
@@ -412,7 +435,22 @@ pub mod kv {
     /// # Ok::<(), perch_sdk::Error>(())
     /// ```
     pub fn delete(key: &str) -> Result<bool> {
-        host::kv::delete(key).map_err(crate::from_host)
+        let bucket = bucket()?;
+        let existed = bucket.exists(key).map_err(from_kv)?;
+        bucket.delete(key).map_err(from_kv)?;
+        Ok(existed)
+    }
+
+    /// Adds `delta` to the counter at `key` (0 when unset) in one atomic step and returns
+    /// the new value. The counter stays readable as text with [`get_string`].
+    ///
+    /// ```no_run
+    /// let boots = perch_sdk::kv::increment("boots", 1)?;
+    /// perch_sdk::log::info(format!("boot number {boots}"));
+    /// # Ok::<(), perch_sdk::Error>(())
+    /// ```
+    pub fn increment(key: &str, delta: u64) -> Result<u64> {
+        wasi_kv::atomics::increment(&bucket()?, key, delta).map_err(from_kv)
     }
 
     /// Every key, in byte order.
@@ -424,7 +462,17 @@ pub mod kv {
     /// # Ok::<(), perch_sdk::Error>(())
     /// ```
     pub fn keys() -> Result<Vec<String>> {
-        host::kv::keys().map_err(crate::from_host)
+        let bucket = bucket()?;
+        let mut keys = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = bucket.list_keys(cursor).map_err(from_kv)?;
+            keys.extend(page.keys);
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(keys),
+            }
+        }
     }
 }
 
@@ -435,7 +483,7 @@ pub mod kv {
 /// # Ok::<(), perch_sdk::Error>(())
 /// ```
 pub mod config {
-    use super::{Error, Result, host};
+    use super::{Error, Result, wasi_config};
 
     /// The value of `key`, if set.
     ///
@@ -443,7 +491,8 @@ pub mod config {
     /// let unit = perch_sdk::config::get("unit").unwrap_or_else(|| "C".into());
     /// ```
     pub fn get(key: &str) -> Option<String> {
-        host::config::get(key)
+        // Perch's config is in memory and never fails; another host's error reads as unset.
+        wasi_config::get(key).ok().flatten()
     }
 
     /// The value of `key` parsed as `T`; an error names the key when it is missing or
@@ -474,7 +523,9 @@ pub mod config {
     /// }
     /// ```
     pub fn all() -> Vec<(String, String)> {
-        host::config::get_all()
+        let mut all = wasi_config::get_all().unwrap_or_default();
+        all.sort();
+        all
     }
 }
 

@@ -49,19 +49,29 @@ fn sysfs_sensors_are_read_reported_and_recovered() -> anyhow::Result<()> {
         format!(
             r#"inherit = "{}"
 description = "a Pi 4 on a fake sysfs"
+
+[sensors.board-temp]
+i2c = {{ bus = 1, address = 0x48, register = 0, scale = "0.00390625", unit = "°C" }}
+
+[sensors.bad-unit]
+i2c = {{ bus = 1, address = 0x49, register = 0, scale = "1", unit = "furlongs" }}
 "#,
             repo_root()
                 .join("board-configs/raspberry-pi-4.toml")
                 .display()
         ),
     )?;
+    // An empty device root: no GPIO chip, no I2C adapter.
+    let dev = dir.path().join("dev");
+    std::fs::create_dir_all(&dev)?;
     let agent = Perchd::start(
         &dir.path().join("agent"),
         Launch {
             extra_config: format!(
-                "board = \"{}\"\nsysfs-root = \"{}\"\n",
+                "board = \"{}\"\nsysfs-root = \"{}\"\ndev-root = \"{}\"\n",
                 board.display(),
-                sys.display()
+                sys.display(),
+                dev.display()
             ),
             ..Launch::default()
         },
@@ -70,13 +80,35 @@ description = "a Pi 4 on a fake sysfs"
     // What the board names but the machine lacks is reported by name at start.
     let status = agent.get("/v1/status")?;
     assert_eq!(status["board"], board.display().to_string());
-    let missing = status["hardware-missing"].to_string();
-    assert!(missing.contains("sensor `pressure`"), "{missing}");
+    let missing: Vec<String> = status["hardware-missing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.as_str().map(String::from))
+        .collect();
+    let has = |needle: &str| missing.iter().any(|m| m.contains(needle));
+    assert!(has("sensor `pressure`"), "{missing:?}");
+    let chip = dev.join("gpiochip0");
     assert!(
-        missing.contains("gpio `fan` (gpiochip0 line 17)"),
-        "{missing}"
+        has(&format!(
+            "GPIO line `fan`: chip `gpiochip0` is not present ({} does not exist)",
+            chip.display()
+        )),
+        "{missing:?}"
     );
-    assert!(!missing.contains("room-temp"), "{missing}");
+    assert!(has("GPIO line `button`"), "{missing:?}");
+    assert!(
+        has(&format!(
+            "sensor `board-temp` (I2C bus 1, address 0x48): {} does not exist",
+            dev.join("i2c-1").display()
+        )),
+        "{missing:?}"
+    );
+    assert!(
+        has("sensor `bad-unit`") && has("unit `furlongs` is not one of"),
+        "{missing:?}"
+    );
+    assert!(!has("room-temp"), "{missing:?}");
     assert!(
         agent.log().contains("board hardware not available"),
         "{}",
@@ -84,7 +116,7 @@ description = "a Pi 4 on a fake sysfs"
     );
 
     // The thermostat reads the 1-Wire sensor through perch:device/sensors. A threshold it
-    // never reaches keeps it off the fan (a chip line this build cannot drive).
+    // never reaches keeps it off the fan (its chip is missing).
     let bytes = artifact(
         examples::THERMOSTAT,
         &repo_root().join("examples/thermostat/Cargo.toml"),
@@ -128,6 +160,54 @@ description = "a Pi 4 on a fake sysfs"
             .any(|(s, v)| *s > last_seq && (*v - 26.5).abs() < 1e-9)
             .then_some(()))
     })?;
+
+    // A thermostat that wants the fan on gets a typed error naming the missing chip, and
+    // keeps running.
+    let cooler = artifact(
+        examples::THERMOSTAT,
+        &repo_root().join("examples/thermostat/Cargo.toml"),
+        None,
+        |m| {
+            m.name = "cooler".into();
+            m.config.insert("threshold-c".into(), "-100".into());
+            m.triggers = vec![perch_core::Trigger::Every(
+                "100ms".parse().expect("duration"),
+            )];
+        },
+    )?;
+    let r = agent.deploy_artifact(&cooler)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let c = agent.wait_for(Duration::from_secs(20), "a failed fan write", |a| {
+        let c = a.component("cooler")?;
+        let msg = c["last-error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        Ok(msg
+            .contains("GPIO line `fan`: chip `gpiochip0` is not present")
+            .then_some(c))
+    })?;
+    assert_eq!(c["state"], "running", "{c}");
+
+    // A write grant on an input line is refused at deploy time, naming the line and the
+    // fix.
+    let pusher = artifact(
+        examples::THERMOSTAT,
+        &repo_root().join("examples/thermostat/Cargo.toml"),
+        None,
+        |m| {
+            m.name = "pusher".into();
+            m.grants.gpio.write = ["fan".to_string(), "button".to_string()].into();
+        },
+    )?;
+    let r = agent.deploy_artifact(&pusher)?;
+    let body = r.body.to_string();
+    assert_eq!(r.status, 400, "{body}");
+    assert!(
+        body.contains("component `pusher` is granted `write` on GPIO line `button`, which board")
+            && body.contains("configures as an input: grant it under `grants.gpio.read`"),
+        "{body}"
+    );
     Ok(())
 }
 

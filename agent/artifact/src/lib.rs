@@ -554,7 +554,7 @@ mod tests {
     fn component() -> Vec<u8> {
         wat::parse_str(
             r#"(component
-                (import "perch:device/log@0.1.0" (instance))
+                (import "wasi:logging/logging@0.1.0-draft" (instance))
                 (core module $m (func (export "f")))
                 (core instance $i (instantiate $m))
             )"#,
@@ -588,7 +588,7 @@ mod tests {
         let sig = a.signature.expect("signed");
         assert!(sig.valid && sig.last);
         assert_eq!(sig.key, key.public());
-        assert_eq!(a.imports, ["perch:device/log@0.1.0"]);
+        assert_eq!(a.imports, ["wasi:logging/logging@0.1.0-draft"]);
         assert_eq!(verify(&bytes, &trusting(&key)), Ok(Some(key.public())));
         // Still a component any tool can parse.
         wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())

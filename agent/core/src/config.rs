@@ -122,6 +122,8 @@ pub struct AgentConfig {
     pub boards_dir: Vec<PathBuf>,
     /// Where sysfs is mounted (sensors are read below it); tests point it at a fake tree.
     pub sysfs_root: PathBuf,
+    /// Where device nodes live (`gpiochipN`, `i2c-N` are opened below it).
+    pub dev_root: PathBuf,
     /// sled page cache size.
     pub store_cache: ByteSize,
     /// Default limits for components.
@@ -142,6 +144,7 @@ impl Default for AgentConfig {
             board: DEFAULT_BOARD.into(),
             boards_dir: vec![PathBuf::from(DEFAULT_BOARDS_DIR)],
             sysfs_root: PathBuf::from("/sys"),
+            dev_root: PathBuf::from("/dev"),
             store_cache: DEFAULT_STORE_CACHE,
             limits: DefaultLimits {
                 memory: DEFAULT_MEMORY,
@@ -275,6 +278,9 @@ impl AgentConfig {
         if let Some(sysfs) = root.take::<PathBuf>("sysfs-root") {
             cfg.sysfs_root = sysfs;
         }
+        if let Some(dev) = root.take::<PathBuf>("dev-root") {
+            cfg.dev_root = dev;
+        }
         if let Some(cache) = root.take::<ByteSize>("store-cache") {
             cfg.store_cache = cache;
         }
@@ -371,6 +377,7 @@ impl AgentConfig {
             "board",
             "boards-dir",
             "sysfs-root",
+            "dev-root",
             "store-cache",
             "limits",
             "runtime",

@@ -43,7 +43,7 @@ pub struct Manifest {
     /// What it may reach, by name.
     #[serde(default, skip_serializing_if = "Grants::is_empty")]
     pub grants: Grants,
-    /// Config defaults, readable through `perch:device/config`.
+    /// Config defaults, readable through `wasi:config/store`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
     /// Resource limits (the agent's defaults where unset).
@@ -555,7 +555,8 @@ fn parse_limits(mut w: Walker<'_>) -> Limits {
 /// What the agent must hold for a component to use an imported interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImportNeed {
-    /// Always provided (log, kv, messaging, config, WASI 0.2 basics).
+    /// Always provided (wasi:logging, wasi:keyvalue, wasi:config, messaging, WASI 0.2
+    /// basics).
     Free,
     /// Provided only with a grant of this kind (`gpio`, `sensors`, `telemetry`, `http`).
     Grant(&'static str),
@@ -572,10 +573,11 @@ pub fn import_need(import: &str) -> ImportNeed {
         "perch:device/telemetry" => ImportNeed::Grant("telemetry"),
         "wasi:http/outgoing-handler" => ImportNeed::Grant("http"),
         "perch:device/types"
-        | "perch:device/log"
-        | "perch:device/kv"
         | "perch:device/messaging"
-        | "perch:device/config" => ImportNeed::Free,
+        | "wasi:logging/logging"
+        | "wasi:keyvalue/store"
+        | "wasi:keyvalue/atomics"
+        | "wasi:config/store" => ImportNeed::Free,
         _ => {
             let package = name.split('/').next().unwrap_or_default();
             let wasi = [
@@ -623,7 +625,7 @@ pub enum ImportProblem {
     },
     /// The component imports an interface no Perch agent provides.
     #[error(
-        "the component imports `{0}`, which Perch agents do not provide (they provide perch:device and WASI 0.2 interfaces)"
+        "the component imports `{0}`, which Perch agents do not provide (they provide perch:device, WASI 0.2, wasi:logging, wasi:keyvalue and wasi:config)"
     )]
     Unknown(String),
 }
@@ -866,7 +868,8 @@ triggers = [{ http = "hello" }, { startup = false }, { every = "5s", http = "/x"
         let problems = check_imports(
             [
                 "wasi:cli/environment@0.2.6",
-                "perch:device/log@0.1.0",
+                "wasi:logging/logging@0.1.0-draft",
+                "wasi:keyvalue/store@0.2.0-draft",
                 "perch:device/sensors@0.1.0",
                 "perch:device/gpio@0.1.0",
                 "perch:fixture/teleport",
@@ -878,7 +881,7 @@ triggers = [{ http = "hello" }, { startup = false }, { every = "5s", http = "/x"
             text,
             [
                 "the component imports `perch:device/gpio@0.1.0` but its manifest grants no gpio: add `grants.gpio = { read = [\"button\"], write = [\"fan\"] }` to [package.metadata.perch]",
-                "the component imports `perch:fixture/teleport`, which Perch agents do not provide (they provide perch:device and WASI 0.2 interfaces)",
+                "the component imports `perch:fixture/teleport`, which Perch agents do not provide (they provide perch:device, WASI 0.2, wasi:logging, wasi:keyvalue and wasi:config)",
             ]
         );
     }

@@ -346,7 +346,7 @@ pub struct ComponentSpec {
     /// given here may only narrow the manifest's grants.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grants: Option<Grants>,
-    /// Config values the component reads through `perch:device/config`: the manifest's
+    /// Config values the component reads through `wasi:config/store`: the manifest's
     /// defaults overlaid with the values given here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,

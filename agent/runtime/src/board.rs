@@ -8,10 +8,11 @@
 //! behind the same trait.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use perch_core::board::{BoardConfig, Direction, LineSource, SensorSource};
-use perch_provider_sensors::{Source, Sysfs};
+use perch_core::board::{Bias, BoardConfig, Direction, Drive, GpioLine, LineSource, SensorSource};
+use perch_provider_gpio::{self as gpio, GpioBackend};
+use perch_provider_sensors::{DevI2c, I2c, I2cRegister, SensorError, Source, Sysfs};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Why a hardware call failed. Shown to the component as an `io` error.
@@ -51,6 +52,8 @@ pub trait Board: Send + Sync + std::fmt::Debug {
     fn gpio_lines(&self) -> Vec<String>;
     /// Names of the sensors.
     fn sensors(&self) -> Vec<String>;
+    /// Whether `line` is an output (`None`: the board has no such line).
+    fn gpio_is_output(&self, line: &str) -> Option<bool>;
     /// Reads a line's logical level.
     fn gpio_read(&self, line: &str) -> Result<bool, HwError>;
     /// Drives an output line.
@@ -93,20 +96,94 @@ pub fn load(config: &perch_core::AgentConfig) -> Result<BoardConfig, String> {
     }
 }
 
-/// Builds the board's hardware from its config: simulated lines and sensors from the sim
-/// model, sysfs sensors from the sensors provider.
-pub fn from_config(config: &BoardConfig) -> ConfiguredBoard {
+/// Builds the board's hardware from its config, composing one backend per kind of source:
+/// the sim model for `sim` lines and sensors, Linux GPIO character devices below
+/// `dev_root` for `chip` lines (each requested once, here, and watched for edges), sysfs
+/// below `sysfs_root` for IIO, hwmon and 1-Wire sensors, and `dev_root/i2c-N` for I2C
+/// register sensors.
+pub fn from_config(
+    config: &BoardConfig,
+    sysfs_root: &std::path::Path,
+    dev_root: &std::path::Path,
+) -> ConfiguredBoard {
     let sim_lines: Vec<(String, bool)> = config
         .gpio
         .iter()
         .filter(|(_, l)| l.source == LineSource::Sim)
         .map(|(n, l)| (n.clone(), l.direction == Direction::Output))
         .collect();
+    let sim = SimBoard::with_lines(&sim_lines);
+    let chip_lines: BTreeMap<String, gpio::LineConfig> = config
+        .gpio
+        .iter()
+        .filter_map(|(name, l)| match &l.source {
+            LineSource::Chip { chip, line } => Some((name.clone(), line_config(chip, *line, l))),
+            LineSource::Sim => None,
+        })
+        .collect();
+    let cdev: Option<Arc<dyn GpioBackend>> = if chip_lines.is_empty() {
+        None
+    } else {
+        let backend = Arc::new(gpio::CdevBackend::new(dev_root, chip_lines));
+        // Edges of chip lines join the sim lines' edges on one channel.
+        let edges = sim.edges.clone();
+        let sink: gpio::EdgeSink = Arc::new(move |line: &str, high: bool| {
+            // Nobody listening is fine: no component watches the line.
+            let _ = edges.send((line.to_string(), high));
+        });
+        if let Err(e) = backend.watch(sink) {
+            tracing::warn!(board = %config.name, error = %e, "GPIO edges will not be reported");
+        }
+        Some(backend)
+    };
+    let i2c_registers = config
+        .sensors
+        .iter()
+        .filter_map(|(name, source)| match source {
+            SensorSource::I2c {
+                bus,
+                address,
+                register,
+                scale,
+                unit,
+            } => Some((
+                name.clone(),
+                I2cRegister::new(name, *bus, *address, *register, scale, unit),
+            )),
+            _ => None,
+        })
+        .collect();
     ConfiguredBoard {
         name: config.name.clone(),
-        sim: SimBoard::with_lines(&sim_lines),
+        sim,
         config: config.clone(),
-        sysfs: Sysfs::default(),
+        sysfs: Sysfs::new(sysfs_root),
+        cdev,
+        i2c: I2c::new(Arc::new(DevI2c::new(dev_root))),
+        dev_root: dev_root.to_path_buf(),
+        i2c_registers,
+    }
+}
+
+fn line_config(chip: &str, offset: u32, l: &GpioLine) -> gpio::LineConfig {
+    gpio::LineConfig {
+        chip: chip.to_string(),
+        offset,
+        direction: match l.direction {
+            Direction::Input => gpio::Direction::Input,
+            Direction::Output => gpio::Direction::Output,
+        },
+        active_low: l.active_low,
+        bias: l.bias.map(|b| match b {
+            Bias::Disabled => gpio::Bias::Disabled,
+            Bias::PullUp => gpio::Bias::PullUp,
+            Bias::PullDown => gpio::Bias::PullDown,
+        }),
+        drive: l.drive.map(|d| match d {
+            Drive::PushPull => gpio::Drive::PushPull,
+            Drive::OpenDrain => gpio::Drive::OpenDrain,
+            Drive::OpenSource => gpio::Drive::OpenSource,
+        }),
     }
 }
 
@@ -134,15 +211,15 @@ pub struct ConfiguredBoard {
     config: BoardConfig,
     sim: SimBoard,
     sysfs: Sysfs,
+    /// The character-device lines, if the board has any.
+    cdev: Option<Arc<dyn GpioBackend>>,
+    i2c: I2c,
+    dev_root: std::path::PathBuf,
+    /// I2C sensors, validated (a bad scale or unit is reported at start and on read).
+    i2c_registers: BTreeMap<String, Result<I2cRegister, SensorError>>,
 }
 
 impl ConfiguredBoard {
-    /// Reads sysfs sensors below `root` instead of `/sys` (tests).
-    pub fn with_sysfs_root(mut self, root: impl Into<std::path::PathBuf>) -> Self {
-        self.sysfs = Sysfs::new(root);
-        self
-    }
-
     fn unknown(&self, kind: &'static str, name: &str) -> HwError {
         HwError::Unknown {
             board: self.name.clone(),
@@ -151,10 +228,10 @@ impl ConfiguredBoard {
         }
     }
 
-    fn chip_line_unavailable(&self, line: &str) -> HwError {
-        HwError::Device(format!(
-            "GPIO line `{line}` is on a character-device chip, which this build of the agent cannot drive yet"
-        ))
+    fn cdev(&self, line: &str) -> Result<&Arc<dyn GpioBackend>, HwError> {
+        self.cdev
+            .as_ref()
+            .ok_or_else(|| self.unknown("GPIO line", line))
     }
 }
 
@@ -171,10 +248,17 @@ impl Board for ConfiguredBoard {
         self.config.sensors.keys().cloned().collect()
     }
 
+    fn gpio_is_output(&self, line: &str) -> Option<bool> {
+        self.config
+            .gpio
+            .get(line)
+            .map(|l| l.direction == Direction::Output)
+    }
+
     fn gpio_read(&self, line: &str) -> Result<bool, HwError> {
         match self.config.gpio.get(line).map(|l| &l.source) {
             Some(LineSource::Sim) => self.sim.gpio_read(line),
-            Some(LineSource::Chip { .. }) => Err(self.chip_line_unavailable(line)),
+            Some(LineSource::Chip { .. }) => self.cdev(line)?.read(line).map_err(hw),
             None => Err(self.unknown("GPIO line", line)),
         }
     }
@@ -183,7 +267,7 @@ impl Board for ConfiguredBoard {
         match self.config.gpio.get(line) {
             Some(l) if l.direction == Direction::Input => Err(HwError::InputOnly(line.into())),
             Some(l) if l.source == LineSource::Sim => self.sim.gpio_write(line, value),
-            Some(_) => Err(self.chip_line_unavailable(line)),
+            Some(_) => self.cdev(line)?.write(line, value).map_err(hw),
             None => Err(self.unknown("GPIO line", line)),
         }
     }
@@ -194,21 +278,22 @@ impl Board for ConfiguredBoard {
             .sensors
             .get(sensor)
             .ok_or_else(|| self.unknown("sensor", sensor))?;
-        if let SensorSource::Sim(model) = source {
-            return self.sim.model_read(sensor, model);
+        let value = match source {
+            SensorSource::Sim(model) => return self.sim.model_read(sensor, model),
+            SensorSource::I2c { .. } => match self.i2c_registers.get(sensor) {
+                Some(Ok(register)) => self.i2c.read(sensor, register),
+                Some(Err(e)) => Err(e.clone()),
+                None => return Err(self.unknown("sensor", sensor)),
+            },
+            other => match sysfs_source(other) {
+                Some(source) => self.sysfs.read(sensor, &source),
+                None => return Err(self.unknown("sensor", sensor)),
+            },
         }
-        let Some(sysfs_source) = sysfs_source(source) else {
-            return Err(HwError::Device(format!(
-                "sensor `{sensor}` is an I2C register, which this build of the agent cannot read yet"
-            )));
-        };
-        let v = self
-            .sysfs
-            .read(sensor, &sysfs_source)
-            .map_err(|e| HwError::Device(e.to_string()))?;
+        .map_err(hw)?;
         Ok(Reading {
-            value: v.value,
-            unit: v.unit,
+            value: value.value,
+            unit: value.unit,
             timestamp_ms: now_ms(),
         })
     }
@@ -228,19 +313,21 @@ impl Board for ConfiguredBoard {
     }
 
     fn missing(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (name, line) in &self.config.gpio {
-            if let LineSource::Chip { chip, line: offset } = &line.source {
-                out.push(format!(
-                    "gpio `{name}` ({chip} line {offset}): character-device GPIO is not supported by this build yet"
-                ));
-            }
-        }
+        let mut out = self.cdev.as_ref().map(|c| c.missing()).unwrap_or_default();
         for (name, source) in &self.config.sensors {
             if let SensorSource::I2c { bus, address, .. } = source {
-                out.push(format!(
-                    "sensor `{name}` (i2c-{bus} 0x{address:02x}): I2C sensors are not supported by this build yet"
-                ));
+                match self.i2c_registers.get(name) {
+                    Some(Err(e)) => out.push(e.to_string()),
+                    _ => {
+                        let path = self.dev_root.join(format!("i2c-{bus}"));
+                        if !path.exists() {
+                            out.push(format!(
+                                "sensor `{name}` (I2C bus {bus}, address 0x{address:02x}): {} does not exist",
+                                path.display()
+                            ));
+                        }
+                    }
+                }
                 continue;
             }
             let Some(sysfs) = sysfs_source(source) else {
@@ -252,6 +339,10 @@ impl Board for ConfiguredBoard {
         }
         out
     }
+}
+
+fn hw(e: impl std::fmt::Display) -> HwError {
+    HwError::Device(e.to_string())
 }
 
 fn now_ms() -> u64 {
@@ -382,6 +473,10 @@ impl Board for SimBoard {
 
     fn sensors(&self) -> Vec<String> {
         vec!["humidity".into(), "room-temp".into()]
+    }
+
+    fn gpio_is_output(&self, line: &str) -> Option<bool> {
+        self.lock().lines.get(line).map(|(_, output)| *output)
     }
 
     fn gpio_read(&self, line: &str) -> Result<bool, HwError> {

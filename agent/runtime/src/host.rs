@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result as WtResult};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -26,9 +26,22 @@ use crate::supervisor::ComponentLog;
 wasmtime::component::bindgen!({
     path: "../../wit",
     world: "perch:device/imports",
+    with: {
+        "wasi:keyvalue/store.bucket": Bucket,
+    },
 });
 
 use perch::device::types::Error as GuestError;
+use wasi::keyvalue::store::Error as KvError;
+
+/// An open `wasi:keyvalue` bucket: the component's one durable namespace.
+#[derive(Debug)]
+pub struct Bucket;
+
+/// The identifiers that open a component's bucket.
+const BUCKET_NAMES: [&str; 2] = ["default", ""];
+/// Keys per `list-keys` page.
+pub const KV_PAGE: usize = 1000;
 
 /// Largest key accepted by the kv interface.
 pub const MAX_KV_KEY: usize = 1024;
@@ -51,7 +64,7 @@ pub struct ComponentCtx {
     pub log: Arc<ComponentLog>,
     /// What the component may reach by name.
     pub grants: Grants,
-    /// Config values for `perch:device/config`.
+    /// Config values for `wasi:config/store`.
     pub config: BTreeMap<String, String>,
     /// The board's hardware.
     pub board: Arc<dyn Board>,
@@ -238,92 +251,140 @@ impl wasmtime_wasi_http::WasiHttpHooks for GrantedOutgoing {
     }
 }
 
-/// Adds WASI 0.2 (async), `wasi:http` and the `perch:device` imports to `linker`.
-pub fn add_to_linker(linker: &mut Linker<Host>) -> WtResult<()> {
-    wasmtime_wasi::p2::add_to_linker_async(linker)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)?;
-    Imports::add_to_linker::<Host, HasSelf<Host>>(linker, |h| h)?;
-    Ok(())
-}
-
 fn io_error(e: impl std::fmt::Display) -> GuestError {
     GuestError::Io(e.to_string())
 }
 
 impl perch::device::types::Host for Host {}
 
-impl perch::device::log::Host for Host {
-    fn log(&mut self, level: perch::device::log::Level, message: String) {
-        use perch::device::log::Level;
+impl wasi::logging::logging::Host for Host {
+    fn log(&mut self, level: wasi::logging::logging::Level, context: String, message: String) {
+        use wasi::logging::logging::Level;
         let level = match level {
             Level::Trace => LogLevel::Trace,
             Level::Debug => LogLevel::Debug,
             Level::Info => LogLevel::Info,
             Level::Warn => LogLevel::Warn,
-            Level::Error => LogLevel::Error,
+            Level::Error | Level::Critical => LogLevel::Error,
         };
         let mut message = message;
         truncate_utf8(&mut message, MAX_LOG_LINE);
-        self.ctx.log.push(level, "guest", message);
+        let source = if context.is_empty() {
+            "guest".to_string()
+        } else {
+            let mut context = context;
+            truncate_utf8(&mut context, 64);
+            format!("guest:{context}")
+        };
+        self.ctx.log.push(level, &source, message);
     }
 }
 
-impl perch::device::kv::Host for Host {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, GuestError> {
+fn kv_io(e: impl std::fmt::Display) -> KvError {
+    KvError::Other(e.to_string())
+}
+
+fn check_key(key: &str) -> Result<(), KvError> {
+    if key.is_empty() || key.len() > MAX_KV_KEY {
+        return Err(KvError::Other(format!(
+            "invalid key: keys must be 1 to {MAX_KV_KEY} bytes long, this one is {}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+impl wasi::keyvalue::store::Host for Host {
+    fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
+        if !BUCKET_NAMES.contains(&identifier.as_str()) {
+            tracing::debug!(component = %self.ctx.name, identifier, "kv: no such bucket");
+            return Err(KvError::NoSuchStore);
+        }
+        self.table.push(Bucket).map_err(kv_io)
+    }
+}
+
+impl wasi::keyvalue::store::HostBucket for Host {
+    fn get(&mut self, _: Resource<Bucket>, key: String) -> Result<Option<Vec<u8>>, KvError> {
         check_key(&key)?;
-        self.ctx
-            .store
-            .kv_get(&self.ctx.name, &key)
-            .map_err(io_error)
+        self.ctx.store.kv_get(&self.ctx.name, &key).map_err(kv_io)
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), GuestError> {
+    fn set(&mut self, _: Resource<Bucket>, key: String, value: Vec<u8>) -> Result<(), KvError> {
         check_key(&key)?;
         if value.len() > MAX_KV_VALUE {
-            return Err(GuestError::Invalid(format!(
-                "value for `{key}` is {} bytes; the limit is {MAX_KV_VALUE}",
+            return Err(KvError::Other(format!(
+                "invalid value: `{key}` is {} bytes; the limit is {MAX_KV_VALUE}",
                 value.len()
             )));
         }
         self.ctx
             .store
             .kv_set(&self.ctx.name, &key, &value)
-            .map_err(io_error)
+            .map_err(kv_io)
     }
 
-    fn delete(&mut self, key: String) -> Result<bool, GuestError> {
+    fn delete(&mut self, _: Resource<Bucket>, key: String) -> Result<(), KvError> {
         check_key(&key)?;
         self.ctx
             .store
             .kv_delete(&self.ctx.name, &key)
-            .map_err(io_error)
+            .map(drop)
+            .map_err(kv_io)
     }
 
-    fn keys(&mut self) -> Result<Vec<String>, GuestError> {
-        self.ctx.store.kv_keys(&self.ctx.name).map_err(io_error)
-    }
-}
-
-fn check_key(key: &str) -> Result<(), GuestError> {
-    if key.is_empty() || key.len() > MAX_KV_KEY {
-        return Err(GuestError::Invalid(format!(
-            "keys must be 1 to {MAX_KV_KEY} bytes long"
-        )));
-    }
-    Ok(())
-}
-
-impl perch::device::config::Host for Host {
-    fn get(&mut self, key: String) -> Option<String> {
-        self.ctx.config.get(&key).cloned()
-    }
-
-    fn get_all(&mut self) -> Vec<(String, String)> {
+    fn exists(&mut self, _: Resource<Bucket>, key: String) -> Result<bool, KvError> {
+        check_key(&key)?;
         self.ctx
+            .store
+            .kv_get(&self.ctx.name, &key)
+            .map(|v| v.is_some())
+            .map_err(kv_io)
+    }
+
+    fn list_keys(
+        &mut self,
+        _: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> Result<wasi::keyvalue::store::KeyResponse, KvError> {
+        let all = self.ctx.store.kv_keys(&self.ctx.name).map_err(kv_io)?;
+        let start = usize::try_from(cursor.unwrap_or(0)).unwrap_or(usize::MAX);
+        let keys: Vec<String> = all.iter().skip(start).take(KV_PAGE).cloned().collect();
+        let end = start.saturating_add(keys.len());
+        Ok(wasi::keyvalue::store::KeyResponse {
+            keys,
+            cursor: (end < all.len()).then_some(end as u64),
+        })
+    }
+
+    fn drop(&mut self, bucket: Resource<Bucket>) -> WtResult<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl wasi::keyvalue::atomics::Host for Host {
+    fn increment(&mut self, _: Resource<Bucket>, key: String, delta: u64) -> Result<u64, KvError> {
+        check_key(&key)?;
+        self.ctx
+            .store
+            .kv_increment(&self.ctx.name, &key, delta)
+            .map_err(kv_io)
+    }
+}
+
+impl wasi::config::store::Host for Host {
+    fn get(&mut self, key: String) -> Result<Option<String>, wasi::config::store::Error> {
+        Ok(self.ctx.config.get(&key).cloned())
+    }
+
+    fn get_all(&mut self) -> Result<Vec<(String, String)>, wasi::config::store::Error> {
+        Ok(self
+            .ctx
             .config
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+            .collect())
     }
 }
 

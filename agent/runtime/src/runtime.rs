@@ -23,7 +23,8 @@ use crate::board::{self, Board};
 use crate::bus::Bus;
 use crate::component::{self, LoadError, Loaded};
 use crate::engine::{self, AllocatorKind, EngineError, EpochTicker};
-use crate::host::{self, ComponentCtx, Host};
+use crate::host::{ComponentCtx, Host};
+use crate::provider::Providers;
 use crate::supervisor::{ComponentLog, Outcome, Supervisor, now_ms};
 
 /// Queue depth of a component's message subscription.
@@ -156,6 +157,7 @@ pub struct Runtime {
     store: Arc<dyn Store>,
     bus: Arc<Bus>,
     board: Arc<dyn Board>,
+    providers: Providers,
     config: AgentConfig,
     running: RwLock<BTreeMap<String, Arc<Running>>>,
     failed: RwLock<BTreeMap<String, Failed>>,
@@ -205,14 +207,20 @@ impl Runtime {
     /// Creates the engine (pooling where possible), the linker and the epoch ticker.
     pub fn new(config: AgentConfig, store: Arc<dyn Store>) -> Result<Arc<Self>, RuntimeError> {
         let board_config = board::load(&config).map_err(RuntimeError::Board)?;
-        let board: Arc<dyn Board> =
-            Arc::new(board::from_config(&board_config).with_sysfs_root(&config.sysfs_root));
+        let board: Arc<dyn Board> = Arc::new(board::from_config(
+            &board_config,
+            &config.sysfs_root,
+            &config.dev_root,
+        ));
         for missing in board.missing() {
             tracing::warn!(board = %board_config.name, %missing, "board hardware not available");
         }
         let (engine, allocator) = engine::build_engine(&config)?;
         let mut linker = Linker::new(&engine);
-        host::add_to_linker(&mut linker).map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
+        let providers = Providers::standard();
+        providers
+            .add_to_linker(&mut linker)
+            .map_err(|e| RuntimeError::Linker(format!("{e:#}")))?;
         let fingerprint = engine::engine_fingerprint(&engine);
         let ticker = EpochTicker::start(&engine, config.runtime.epoch_tick);
         tracing::info!(allocator = allocator.as_str(), %fingerprint, "runtime ready");
@@ -224,6 +232,7 @@ impl Runtime {
             store,
             bus: Bus::new(),
             board,
+            providers,
             config,
             running: RwLock::new(BTreeMap::new()),
             failed: RwLock::new(BTreeMap::new()),
@@ -256,56 +265,10 @@ impl Runtime {
         &self.board
     }
 
-    /// Checks that every GPIO line and sensor granted to `spec` exists on this board.
+    /// Every provider's problems with `spec`'s grants on this board: lines and sensors
+    /// the board lacks, write grants on input lines, triggers on lines not granted.
     pub fn check_grants(&self, spec: &ComponentSpec) -> Result<(), Vec<String>> {
-        let Some(grants) = &spec.grants else {
-            return Ok(());
-        };
-        let lines = self.board.gpio_lines();
-        let sensors = self.board.sensors();
-        let list = |names: &[String]| {
-            if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            }
-        };
-        let mut problems = Vec::new();
-        for t in &spec.triggers {
-            if let Trigger::Gpio { line, .. } = t
-                && !grants.gpio_read(line)
-            {
-                problems.push(format!(
-                    "component `{}` has a gpio trigger on line `{line}` but no grant to read it: add it to `grants.gpio.read`",
-                    spec.name
-                ));
-            }
-        }
-        for line in grants.gpio.read.iter().chain(&grants.gpio.write) {
-            if !lines.contains(line) {
-                problems.push(format!(
-                    "component `{}` is granted GPIO line `{line}`, which board `{}` does not have (its lines: {})",
-                    spec.name,
-                    self.board.name(),
-                    list(&lines)
-                ));
-            }
-        }
-        for sensor in &grants.sensors {
-            if !sensors.contains(sensor) {
-                problems.push(format!(
-                    "component `{}` is granted sensor `{sensor}`, which board `{}` does not have (its sensors: {})",
-                    spec.name,
-                    self.board.name(),
-                    list(&sensors)
-                ));
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
+        self.providers.validate(spec, self.board.as_ref())
     }
 
     /// Limits of `spec` with the agent's defaults filled in.

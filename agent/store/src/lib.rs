@@ -95,6 +95,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes `key` from namespace `ns`; returns whether it existed.
     fn kv_delete(&self, ns: &str, key: &str) -> Result<bool, StoreError>;
 
+    /// Adds `delta` to the decimal counter at `key` in namespace `ns` (0 when unset) in one
+    /// atomic step and returns the new value, stored back as decimal text. A value that is
+    /// not a decimal `u64`, or an overflow, is an `Invalid` error and changes nothing.
+    fn kv_increment(&self, ns: &str, key: &str, delta: u64) -> Result<u64, StoreError>;
+
     /// The keys of namespace `ns`, in byte order; empty for a namespace that does not exist.
     fn kv_keys(&self, ns: &str) -> Result<Vec<String>, StoreError>;
 

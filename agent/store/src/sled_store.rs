@@ -830,6 +830,48 @@ impl Store for SledStore {
         )
     }
 
+    fn kv_increment(&self, ns: &str, key: &str, delta: u64) -> Result<u64, StoreError> {
+        self.guarded(
+            || format!("incrementing key `{key}` in kv namespace `{ns}`"),
+            || {
+                let name = Self::kv_tree_name(ns)?;
+                let tree = self
+                    .db
+                    .open_tree(name)
+                    .map_err(sled_err(|| format!("opening kv namespace `{ns}`")))?;
+                let action = || format!("incrementing key `{key}` in kv namespace `{ns}`");
+                // Compare-and-swap until no other writer got in between.
+                loop {
+                    let old = tree.get(key).map_err(sled_err(action))?;
+                    let current = match &old {
+                        None => 0,
+                        Some(bytes) => std::str::from_utf8(bytes)
+                            .ok()
+                            .and_then(|t| t.parse::<u64>().ok())
+                            .ok_or_else(|| StoreError::Invalid {
+                                what: "counter",
+                                value: format!("{ns}/{key}"),
+                                reason: "its value is not a decimal number",
+                            })?,
+                    };
+                    let new = current
+                        .checked_add(delta)
+                        .ok_or_else(|| StoreError::Invalid {
+                            what: "counter",
+                            value: format!("{ns}/{key}"),
+                            reason: "adding the delta overflows a u64",
+                        })?;
+                    let swapped = tree
+                        .compare_and_swap(key, old, Some(new.to_string().into_bytes()))
+                        .map_err(sled_err(action))?;
+                    if swapped.is_ok() {
+                        return Ok(new);
+                    }
+                }
+            },
+        )
+    }
+
     fn kv_keys(&self, ns: &str) -> Result<Vec<String>, StoreError> {
         self.guarded(
             || format!("listing kv namespace `{ns}`"),

@@ -524,3 +524,46 @@ fn outbox_sequences_continue_across_reopen() -> TestResult {
     assert_eq!(recent, vec![(2, record(2)), (3, record(3))]);
     Ok(())
 }
+
+#[test]
+fn kv_increment_is_atomic_across_threads_and_refuses_non_numbers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = std::sync::Arc::new(open(dir.path())?);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            std::thread::spawn(move || -> Result<(), perch_store::StoreError> {
+                for _ in 0..250 {
+                    store.kv_increment("counter", "hits", 2)?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| "increment thread panicked")??;
+    }
+    // Stored as decimal text, so a plain get reads it.
+    assert_eq!(store.kv_get("counter", "hits")?, Some(b"2000".to_vec()));
+    assert_eq!(store.kv_increment("counter", "hits", 0)?, 2000);
+
+    store.kv_set("counter", "name", b"porch")?;
+    let err = store
+        .kv_increment("counter", "name", 1)
+        .expect_err("text is not a counter");
+    assert!(
+        err.to_string().contains("counter/name") && err.to_string().contains("not a decimal"),
+        "{err}"
+    );
+    store.kv_set("counter", "max", u64::MAX.to_string().as_bytes())?;
+    let err = store
+        .kv_increment("counter", "max", 1)
+        .expect_err("overflow");
+    assert!(err.to_string().contains("overflows"), "{err}");
+    assert_eq!(
+        store.kv_get("counter", "max")?,
+        Some(u64::MAX.to_string().into_bytes()),
+        "a refused increment changes nothing"
+    );
+    Ok(())
+}

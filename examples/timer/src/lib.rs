@@ -1,8 +1,8 @@
 //! `timer`: counts its ticks in its kv namespace, so the count survives restarts.
 //!
 //! - start: logs `timer started, count=N`.
-//! - every tick: reads `count` (0 when absent), adds one, stores it as decimal text and logs
-//!   `tick N`.
+//! - every tick: adds one to `count` in one atomic step (`kv::increment`: 0 when absent,
+//!   kept as decimal text) and logs `tick N`.
 //!
 //! A `count` that is not decimal text is an error, not a silent reset. Tests preset it with
 //! `kv::set("count", "41")` and read it back through the agent's log.
@@ -20,8 +20,7 @@ impl App for Timer {
     }
 
     fn on_tick() -> Result<()> {
-        let next = count()? + 1;
-        kv::set(KEY, next.to_string())?;
+        let next = kv::increment(KEY, 1)?;
         log::info(format!("tick {next}"));
         Ok(())
     }

@@ -563,7 +563,9 @@ fn bench_instances(rows: &mut Vec<Row>) -> Result<()> {
         let (engine, _) = perch_runtime::engine::build_engine(&cfg)?;
         let pool_vm = status_kib(&me, "VmSize:").saturating_sub(vm0);
         let mut linker: Linker<Host> = Linker::new(&engine);
-        perch_runtime::host::add_to_linker(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        perch_runtime::provider::Providers::standard()
+            .add_to_linker(&mut linker)
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let component = Component::new(&engine, &noop).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let pre = linker
             .instantiate_pre(&component)
