@@ -8,7 +8,7 @@
 //! behind the same trait.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use perch_core::board::{Bias, BoardConfig, Direction, Drive, GpioLine, LineSource, SensorSource};
 use perch_provider_gpio::{self as gpio, GpioBackend};
@@ -124,9 +124,13 @@ pub fn from_config(
     let cdev: Option<Arc<dyn GpioBackend>> = if chip_lines.is_empty() {
         None
     } else {
-        let backend = Arc::new(gpio::CdevBackend::new(dev_root, chip_lines));
-        // Edges of chip lines join the sim lines' edges on one channel.
-        let edges = sim.edges.clone();
+        Some(Arc::new(gpio::CdevBackend::new(dev_root, chip_lines)))
+    };
+    // Edges of every backend's input lines arrive on one channel.
+    let edges = tokio::sync::broadcast::channel(64).0;
+    let backends: [Option<&dyn GpioBackend>; 2] = [Some(&sim), cdev.as_deref()];
+    for backend in backends.into_iter().flatten() {
+        let edges = edges.clone();
         let sink: gpio::EdgeSink = Arc::new(move |line: &str, high: bool| {
             // Nobody listening is fine: no component watches the line.
             let _ = edges.send((line.to_string(), high));
@@ -134,8 +138,7 @@ pub fn from_config(
         if let Err(e) = backend.watch(sink) {
             tracing::warn!(board = %config.name, error = %e, "GPIO edges will not be reported");
         }
-        Some(backend)
-    };
+    }
     let i2c_registers = config
         .sensors
         .iter()
@@ -159,6 +162,7 @@ pub fn from_config(
         config: config.clone(),
         sysfs: Sysfs::new(sysfs_root),
         cdev,
+        edges,
         i2c: I2c::new(Arc::new(DevI2c::new(dev_root))),
         dev_root: dev_root.to_path_buf(),
         i2c_registers,
@@ -213,6 +217,8 @@ pub struct ConfiguredBoard {
     sysfs: Sysfs,
     /// The character-device lines, if the board has any.
     cdev: Option<Arc<dyn GpioBackend>>,
+    /// Level changes of input lines of every backend.
+    edges: tokio::sync::broadcast::Sender<(String, bool)>,
     i2c: I2c,
     dev_root: std::path::PathBuf,
     /// I2C sensors, validated (a bad scale or unit is reported at start and on read).
@@ -228,10 +234,16 @@ impl ConfiguredBoard {
         }
     }
 
-    fn cdev(&self, line: &str) -> Result<&Arc<dyn GpioBackend>, HwError> {
-        self.cdev
-            .as_ref()
-            .ok_or_else(|| self.unknown("GPIO line", line))
+    /// The backend serving `line`: the sim model or the character-device chips.
+    fn line_backend(&self, line: &str) -> Result<&dyn GpioBackend, HwError> {
+        match self.config.gpio.get(line).map(|l| &l.source) {
+            Some(LineSource::Sim) => Ok(&self.sim),
+            Some(LineSource::Chip { .. }) => self
+                .cdev
+                .as_deref()
+                .ok_or_else(|| self.unknown("GPIO line", line)),
+            None => Err(self.unknown("GPIO line", line)),
+        }
     }
 }
 
@@ -256,20 +268,14 @@ impl Board for ConfiguredBoard {
     }
 
     fn gpio_read(&self, line: &str) -> Result<bool, HwError> {
-        match self.config.gpio.get(line).map(|l| &l.source) {
-            Some(LineSource::Sim) => self.sim.gpio_read(line),
-            Some(LineSource::Chip { .. }) => self.cdev(line)?.read(line).map_err(hw),
-            None => Err(self.unknown("GPIO line", line)),
-        }
+        self.line_backend(line)?.read(line).map_err(hw)
     }
 
     fn gpio_write(&self, line: &str, value: bool) -> Result<(), HwError> {
-        match self.config.gpio.get(line) {
-            Some(l) if l.direction == Direction::Input => Err(HwError::InputOnly(line.into())),
-            Some(l) if l.source == LineSource::Sim => self.sim.gpio_write(line, value),
-            Some(_) => self.cdev(line)?.write(line, value).map_err(hw),
-            None => Err(self.unknown("GPIO line", line)),
+        if self.gpio_is_output(line) == Some(false) {
+            return Err(HwError::InputOnly(line.into()));
         }
+        self.line_backend(line)?.write(line, value).map_err(hw)
     }
 
     fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError> {
@@ -299,7 +305,7 @@ impl Board for ConfiguredBoard {
     }
 
     fn edges(&self) -> Option<tokio::sync::broadcast::Receiver<(String, bool)>> {
-        Some(self.sim.edges.subscribe())
+        Some(self.edges.subscribe())
     }
 
     fn set_input(&self, line: &str, high: bool) -> Result<(), HwError> {
@@ -370,12 +376,21 @@ struct SimState {
 }
 
 /// The simulated board.
-#[derive(Debug)]
 pub struct SimBoard {
     start: Instant,
     state: Mutex<SimState>,
     /// Level changes of input lines.
     edges: tokio::sync::broadcast::Sender<(String, bool)>,
+    /// Watchers added through [`GpioBackend::watch`].
+    sinks: Mutex<Vec<gpio::EdgeSink>>,
+}
+
+impl std::fmt::Debug for SimBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBoard")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for SimBoard {
@@ -406,6 +421,7 @@ impl SimBoard {
         Self {
             start,
             edges: tokio::sync::broadcast::channel(64).0,
+            sinks: Mutex::new(Vec::new()),
             state: Mutex::new(SimState {
                 lines,
                 temp_c: curve(0.0),
@@ -427,8 +443,13 @@ impl SimBoard {
             Some((level, false)) => {
                 if *level != value {
                     *level = value;
+                    drop(s);
                     // Nobody listening is fine: no component watches the line.
                     let _ = self.edges.send((line.to_string(), value));
+                    let sinks = self.sinks.lock().unwrap_or_else(PoisonError::into_inner);
+                    for sink in sinks.iter() {
+                        sink(line, value);
+                    }
                 }
                 Ok(())
             }
@@ -503,6 +524,33 @@ impl Board for SimBoard {
 
     fn sensor_read(&self, sensor: &str) -> Result<Reading, HwError> {
         self.model_read(sensor, sensor)
+    }
+}
+
+/// The sim lines behind the same backend trait as the character-device chips.
+impl GpioBackend for SimBoard {
+    fn read(&self, line: &str) -> Result<bool, gpio::GpioError> {
+        Board::gpio_read(self, line).map_err(|_| gpio::GpioError::UnknownLine { line: line.into() })
+    }
+
+    fn write(&self, line: &str, value: bool) -> Result<(), gpio::GpioError> {
+        Board::gpio_write(self, line, value).map_err(|e| match e {
+            HwError::InputOnly(line) => gpio::GpioError::NotOutput { line },
+            _ => gpio::GpioError::UnknownLine { line: line.into() },
+        })
+    }
+
+    /// Simulated lines are always there.
+    fn missing(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn watch(&self, sink: gpio::EdgeSink) -> Result<(), gpio::GpioError> {
+        self.sinks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sink);
+        Ok(())
     }
 }
 
