@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+pub mod nats;
+
 /// The example components (`examples/`, written on perch-sdk) and test fixtures
 /// (`fixtures/`), built by plain cargo for wasm32-wasip2 by this crate's build script: no
 /// embedded manifest, unsigned.
@@ -38,6 +40,9 @@ pub mod examples {
     pub const BUTTON: &str = env!("PERCH_EXAMPLE_BUTTON");
     /// Fixture: drives the `fan` GPIO line without a GPIO grant.
     pub const UNGRANTED: &str = env!("PERCH_EXAMPLE_UNGRANTED");
+    /// Fixture: publishes 1..=`total` to the `burst` telemetry stream, resuming after a
+    /// crash.
+    pub const BURST: &str = env!("PERCH_EXAMPLE_BURST");
 
     /// Reads an example's bytes.
     pub fn bytes(path: &str) -> Vec<u8> {

@@ -215,7 +215,85 @@ pub struct AgentStatus {
     /// Hardware the board names that is not available now, one line each.
     #[serde(default)]
     pub hardware_missing: Vec<String>,
+    /// The telemetry outbox.
+    #[serde(default)]
+    pub outbox: OutboxStatus,
+    /// The link to the fleet; absent when the device runs standalone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
     pub components: Vec<ComponentStatus>,
+}
+
+/// The durable telemetry outbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct OutboxStatus {
+    /// Records waiting to be delivered.
+    pub backlog: u64,
+    /// Their size in bytes.
+    pub bytes: u64,
+    /// Sequence number of the newest record ever appended.
+    pub last_seq: u64,
+    /// Records dropped by the outbox bounds over the store's life (oldest first).
+    pub dropped: u64,
+    /// Time of the oldest waiting record, in Unix milliseconds.
+    pub oldest_ms: Option<u64>,
+}
+
+/// State of the link to the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    /// Trying to reach the broker.
+    Connecting,
+    /// Connected: the outbox drains.
+    Connected,
+    /// Not connected; the next attempt is scheduled.
+    Disconnected,
+}
+
+/// The sync layer's view of the link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SyncStatus {
+    /// This device's id in the fleet.
+    pub device: String,
+    /// `nats` or `mqtt`.
+    pub transport: String,
+    /// The broker URL.
+    pub url: String,
+    /// The link now.
+    pub link: LinkState,
+    /// When the link last changed, in Unix milliseconds.
+    pub since_ms: u64,
+    /// When the broker last acknowledged outbox records, in Unix milliseconds.
+    pub last_sync_ms: Option<u64>,
+    /// Outbox records delivered since the agent started.
+    pub sent: u64,
+    /// Connections made since the agent started.
+    pub connects: u64,
+    /// The last error of the link, if any since it was last connected.
+    pub last_error: Option<String>,
+    /// The last desired state received from the fleet and what became of it.
+    pub desired: Option<DesiredOutcome>,
+}
+
+/// What became of a desired state received from the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DesiredOutcome {
+    /// Its revision (none if it could not be read).
+    pub revision: Option<u64>,
+    /// `applied` or `rejected`.
+    pub result: String,
+    /// Why it was rejected; the running set was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// One line per problem.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+    /// When, in Unix milliseconds.
+    pub at_ms: u64,
 }
 
 /// Reply to a deploy.

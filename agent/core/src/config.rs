@@ -132,6 +132,97 @@ pub struct AgentConfig {
     pub runtime: RuntimeConfig,
     /// Which signatures are accepted.
     pub signing: SigningConfig,
+    /// Bounds of the telemetry outbox.
+    pub outbox: OutboxConfig,
+    /// The link to the fleet control plane; `None` runs the device standalone.
+    pub sync: Option<SyncConfig>,
+}
+
+/// Default most bytes the outbox keeps while offline.
+pub const DEFAULT_OUTBOX_MAX_BYTES: ByteSize = ByteSize::mib(64);
+/// Default oldest record the outbox keeps while offline.
+pub const DEFAULT_OUTBOX_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default heartbeat interval.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Default outbox records in flight to the broker at once.
+pub const DEFAULT_SYNC_WINDOW: usize = 1024;
+
+/// Bounds of the telemetry outbox: past them the oldest records are dropped (counted in
+/// metrics and reported upstream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct OutboxConfig {
+    /// Most bytes of records kept.
+    pub max_bytes: ByteSize,
+    /// Oldest record kept.
+    pub max_age: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
+            max_age: DEFAULT_OUTBOX_MAX_AGE,
+        }
+    }
+}
+
+/// Which broker protocol the device syncs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncTransport {
+    /// NATS: JetStream for telemetry, KV for desired and reported state.
+    Nats,
+    /// MQTT 3.1.1: QoS 1, persistent session, retained state.
+    Mqtt,
+}
+
+/// The `[sync]` section: how the device reaches its fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SyncConfig {
+    /// This device's id: the `<device>` in `perch.v1.<device>.…`.
+    pub device: String,
+    /// Broker protocol.
+    pub transport: SyncTransport,
+    /// Broker URL: `nats://host:port` or `tls://…` for NATS, `mqtt://host:port` or
+    /// `mqtts://…` for MQTT. A local leaf node is `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// JetStream domain of the server the device publishes to (a leaf node's own domain);
+    /// `None` publishes to the server's default JetStream.
+    pub domain: Option<String>,
+    /// JetStream domain of the hub, whose `perch-desired` KV a leaf node mirrors (only
+    /// used with `domain`).
+    pub hub_domain: String,
+    /// User name (NATS user/password auth, MQTT username).
+    pub user: Option<String>,
+    /// Password for `user`.
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+    /// NATS token.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// File holding a NATS nkey seed (`SU…`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// CA certificates (PEM) to verify the broker with; enables TLS.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub key_file: Option<PathBuf>,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Outbox records in flight to the broker at once.
+    pub window: usize,
+}
+
+/// Whether `id` is a valid device id: 1-64 of lowercase letters, digits, `-` and `_`,
+/// so that it is one token in NATS subjects and one level in MQTT topics.
+pub fn is_device_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
 impl Default for AgentConfig {
@@ -160,6 +251,8 @@ impl Default for AgentConfig {
                 log_lines: DEFAULT_LOG_LINES,
             },
             signing: SigningConfig::default(),
+            outbox: OutboxConfig::default(),
+            sync: None,
         }
     }
 }
@@ -371,6 +464,111 @@ impl AgentConfig {
             }
             signing.finish(&["trusted-keys", "revoked-keys", "allow-unsigned"]);
         }
+        if let Some(mut outbox) = root.section("outbox") {
+            if let Some(b) = outbox.take::<ByteSize>("max-bytes") {
+                if b.bytes() < 64 << 10 {
+                    outbox.problem("max-bytes", format!("`{b}` is below the minimum of 64KiB"));
+                } else {
+                    cfg.outbox.max_bytes = b;
+                }
+            }
+            if let Some(t) = outbox.take::<HumanDuration>("max-age") {
+                cfg.outbox.max_age = t.0;
+            }
+            outbox.finish(&["max-bytes", "max-age"]);
+        }
+        if let Some(mut sync) = root.section("sync") {
+            let device = sync.take::<String>("device");
+            match &device {
+                Some(d) if !is_device_id(d) => sync.problem(
+                    "device",
+                    format!(
+                        "`{d}` is not a device id: use 1 to 64 lowercase letters, digits, `-` and `_`"
+                    ),
+                ),
+                Some(_) => {}
+                None => sync.problem(
+                    "device",
+                    "is required: the id this device has in the fleet, e.g. `device = \"gw-0042\"`",
+                ),
+            }
+            let transport = match sync.take::<String>("transport").as_deref() {
+                None | Some("nats") => Some(SyncTransport::Nats),
+                Some("mqtt") => Some(SyncTransport::Mqtt),
+                Some(other) => {
+                    sync.problem(
+                        "transport",
+                        format!("`{other}` is not a transport: use `nats` or `mqtt`"),
+                    );
+                    None
+                }
+            };
+            let url = sync.take::<String>("url");
+            if let (Some(u), Some(t)) = (&url, transport) {
+                let schemes: &[&str] = match t {
+                    SyncTransport::Nats => &["nats://", "tls://"],
+                    SyncTransport::Mqtt => &["mqtt://", "mqtts://"],
+                };
+                if !schemes.iter().any(|s| u.starts_with(s)) {
+                    sync.problem(
+                        "url",
+                        format!("`{u}` must start with {}", schemes.join(" or ")),
+                    );
+                }
+            }
+            let heartbeat = sync.take::<HumanDuration>("heartbeat").map(|h| h.0);
+            let window = sync.take::<usize>("window");
+            if window == Some(0) {
+                sync.problem("window", "must be at least 1");
+            }
+            let cfg_sync = SyncConfig {
+                device: device.unwrap_or_default(),
+                transport: transport.unwrap_or(SyncTransport::Nats),
+                url: url.unwrap_or_else(|| match transport {
+                    Some(SyncTransport::Mqtt) => "mqtt://127.0.0.1:1883".into(),
+                    _ => "nats://127.0.0.1:4222".into(),
+                }),
+                domain: sync.take::<String>("domain"),
+                hub_domain: sync
+                    .take::<String>("hub-domain")
+                    .unwrap_or_else(|| "hub".into()),
+                user: sync.take::<String>("user"),
+                password: sync.take::<String>("password"),
+                token: sync.take::<String>("token"),
+                nkey_seed_file: sync.take::<PathBuf>("nkey-seed-file"),
+                ca_file: sync.take::<PathBuf>("ca-file"),
+                cert_file: sync.take::<PathBuf>("cert-file"),
+                key_file: sync.take::<PathBuf>("key-file"),
+                heartbeat: heartbeat.unwrap_or(DEFAULT_HEARTBEAT),
+                window: window.unwrap_or(DEFAULT_SYNC_WINDOW).max(1),
+            };
+            if cfg_sync.cert_file.is_some() != cfg_sync.key_file.is_some() {
+                sync.problem(
+                    "cert-file",
+                    "a client certificate needs both `cert-file` and `key-file`",
+                );
+            }
+            if cfg_sync.password.is_some() && cfg_sync.user.is_none() {
+                sync.problem("password", "a password needs a `user`");
+            }
+            sync.finish(&[
+                "device",
+                "transport",
+                "url",
+                "domain",
+                "hub-domain",
+                "user",
+                "password",
+                "token",
+                "nkey-seed-file",
+                "ca-file",
+                "cert-file",
+                "key-file",
+                "heartbeat",
+                "window",
+            ]);
+            cfg.sync = Some(cfg_sync);
+        }
         root.finish(&[
             "data-dir",
             "listen",
@@ -382,6 +580,8 @@ impl AgentConfig {
             "limits",
             "runtime",
             "signing",
+            "outbox",
+            "sync",
         ]);
 
         if cfg.runtime.backoff_base > cfg.runtime.backoff_max {
@@ -438,6 +638,60 @@ mod tests {
         assert_eq!(cfg.limits.timeout, Duration::from_millis(250));
         assert_eq!(cfg.runtime.allocator, Allocator::OnDemand);
         assert_eq!(cfg.listen.port(), 9000);
+    }
+
+    #[test]
+    fn sync_and_outbox_sections_parse_and_complain_by_key() {
+        let cfg = AgentConfig::from_toml(
+            r#"
+            [sync]
+            device = "gw-0042"
+            url = "nats://127.0.0.1:4222"
+            domain = "gw0042"
+            token = "s3cret"
+            heartbeat = "2s"
+            [outbox]
+            max-bytes = "1MiB"
+            max-age = "1h"
+            "#,
+            "t",
+        )
+        .expect("valid");
+        let sync = cfg.sync.expect("sync section");
+        assert_eq!(sync.device, "gw-0042");
+        assert_eq!(sync.transport, SyncTransport::Nats);
+        assert_eq!(sync.domain.as_deref(), Some("gw0042"));
+        assert_eq!(sync.heartbeat, Duration::from_secs(2));
+        assert_eq!(sync.window, DEFAULT_SYNC_WINDOW);
+        assert_eq!(cfg.outbox.max_bytes, ByteSize::mib(1));
+        assert_eq!(cfg.outbox.max_age, Duration::from_secs(3600));
+        // Secrets are not echoed by `perchd --check-config`.
+        let shown = serde_json::to_string(&sync).expect("json");
+        assert!(!shown.contains("s3cret"), "{shown}");
+
+        let err = AgentConfig::from_toml(
+            r#"
+            [sync]
+            transport = "mqtt"
+            url = "nats://hub"
+            cert-file = "/c.pem"
+            window = 0
+            [outbox]
+            max-bytes = "1KiB"
+            "#,
+            "perchd.toml",
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for expected in [
+            "outbox.max-bytes: `1KiB` is below the minimum of 64KiB",
+            "sync.device: is required",
+            "sync.url: `nats://hub` must start with mqtt:// or mqtts://",
+            "sync.window: must be at least 1",
+            "sync.cert-file: a client certificate needs both `cert-file` and `key-file`",
+        ] {
+            assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+        }
     }
 
     #[test]

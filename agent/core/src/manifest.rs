@@ -765,7 +765,7 @@ grants = { gpio = { read = ["button"] } }"#,
         assert_eq!(
             problems(r#"triggers = [{ every = "5 sec" }]"#),
             [
-                "package.metadata.perch.triggers[0].every: `5 sec` is not a duration: write a number and a unit (ms, s, m, h), e.g. `200ms` or `5s`"
+                "package.metadata.perch.triggers[0].every: `5 sec` is not a duration: write a number and a unit (ms, s, m, h, d), e.g. `200ms` or `5s`"
             ]
         );
         assert_eq!(
@@ -785,7 +785,7 @@ limits = { memory = 16, timeout = "200" }"#
             ),
             [
                 "package.metadata.perch.limits.memory: `16` has no unit: write a size such as `\"16MiB\"`",
-                "package.metadata.perch.limits.timeout: `200` is not a duration: write a number and a unit (ms, s, m, h), e.g. `200ms` or `5s`",
+                "package.metadata.perch.limits.timeout: `200` is not a duration: write a number and a unit (ms, s, m, h, d), e.g. `200ms` or `5s`",
             ]
         );
     }

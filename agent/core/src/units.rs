@@ -12,9 +12,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Why a quantity was rejected; the message always quotes the input and the accepted units.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnitError {
-    /// `{0}` is not a duration: write a number and a unit, e.g. `200ms`, `5s`, `1m`, `1h`
+    /// `{0}` is not a duration: write a number and a unit, e.g. `200ms`, `5s`, `1m`, `1h`, `7d`
     #[error(
-        "`{0}` is not a duration: write a number and a unit (ms, s, m, h), e.g. `200ms` or `5s`"
+        "`{0}` is not a duration: write a number and a unit (ms, s, m, h, d), e.g. `200ms` or `5s`"
     )]
     Duration(String),
     /// `{0}` is not a size: write a number and a unit, e.g. `512KiB`, `16MiB`
@@ -52,6 +52,7 @@ impl FromStr for HumanDuration {
             "s" => Duration::from_secs(n),
             "m" | "min" => Duration::from_secs(n.checked_mul(60).ok_or_else(err)?),
             "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(err)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400).ok_or_else(err)?),
             _ => return Err(err()),
         };
         if d.is_zero() {
@@ -64,7 +65,9 @@ impl FromStr for HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms.is_multiple_of(3_600_000) {
+        if ms.is_multiple_of(86_400_000) {
+            write!(f, "{}d", ms / 86_400_000)
+        } else if ms.is_multiple_of(3_600_000) {
             write!(f, "{}h", ms / 3_600_000)
         } else if ms.is_multiple_of(60_000) {
             write!(f, "{}m", ms / 60_000)
@@ -179,7 +182,7 @@ mod tests {
             "0s".parse::<HumanDuration>(),
             Err(UnitError::Zero(_))
         ));
-        for s in ["200ms", "5s", "2m", "1h", "1500ms"] {
+        for s in ["200ms", "5s", "2m", "1h", "7d", "1500ms"] {
             assert_eq!(
                 s.parse::<HumanDuration>().map(|d| d.to_string()).as_deref(),
                 Ok(s)

@@ -17,8 +17,8 @@ use bytes::Bytes;
 use perch_api::{ApiError, HttpGateway};
 use perch_artifact::{PublicKey, TrustPolicy};
 use perch_core::command::{
-    AgentStatus, BlobInfo, BoxFuture, ComponentStatus, Deployed, DesiredInput, Health, LogLine,
-    Published, RevisionInfo, TelemetryRecord,
+    AgentStatus, BlobInfo, BoxFuture, ComponentStatus, Deployed, DesiredInput, Health, LinkState,
+    LogLine, OutboxStatus, Published, RevisionInfo, TelemetryRecord,
 };
 use perch_core::spec::Limits;
 use perch_core::{
@@ -42,6 +42,8 @@ pub enum StartError {
     Runtime(#[from] RuntimeError),
     #[error("[signing] in the agent's config: {0}")]
     Signing(String),
+    #[error("[sync] in the agent's config: {0}")]
+    Sync(String),
 }
 
 /// The trust policy the config describes.
@@ -118,6 +120,8 @@ pub struct Agent {
     desired: tokio::sync::Mutex<DesiredState>,
     revision: AtomicU64,
     started: Instant,
+    /// The link to the fleet, when `[sync]` is configured.
+    sync: std::sync::OnceLock<perch_sync::Link>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -166,6 +170,8 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Arc<Self>, StartError> {
         let opts = SledOptions {
             cache_capacity: config.store_cache.bytes(),
+            outbox_max_bytes: config.outbox.max_bytes.bytes(),
+            outbox_max_age: Some(config.outbox.max_age),
             ..SledOptions::default()
         };
         let dir = &config.data_dir;
@@ -224,6 +230,7 @@ impl Agent {
             revision: AtomicU64::new(desired.revision),
             desired: tokio::sync::Mutex::new(desired.clone()),
             started: Instant::now(),
+            sync: std::sync::OnceLock::new(),
         });
         for spec in desired.components {
             match agent.runtime.prepare(spec.clone()).await {
@@ -237,7 +244,74 @@ impl Agent {
             revision = desired.revision,
             "desired state restored from the local store"
         );
+        if let Some(sync_config) = &agent.config.sync {
+            // The reporter holds a weak handle: the sync loop must not keep the agent alive.
+            let weak = Arc::downgrade(&agent);
+            let reporter: perch_sync::Reporter = Arc::new(move || {
+                weak.upgrade()
+                    .map_or(serde_json::Value::Null, |a| a.reported())
+            });
+            let weak = Arc::downgrade(&agent);
+            let applier: perch_sync::Applier = Arc::new(move |input: DesiredInput| {
+                let agent = weak.upgrade();
+                Box::pin(async move {
+                    let agent = agent.ok_or_else(|| {
+                        CommandError::new(ErrorKind::Unavailable, "the agent is shutting down")
+                    })?;
+                    agent.apply(input).await.map(drop)
+                })
+            });
+            let sync = perch_sync::Link::start(sync_config, agent.store.clone(), reporter, applier)
+                .map_err(|e| StartError::Sync(e.to_string()))?;
+            let _ = agent.sync.set(sync);
+        }
         Ok(agent)
+    }
+
+    /// The reported state sent upstream: what runs, how healthy it is, and the backlog.
+    pub fn reported(&self) -> serde_json::Value {
+        let outbox = self.outbox_status();
+        let components: Vec<serde_json::Value> = self
+            .runtime
+            .status()
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name,
+                    "digest": c.digest,
+                    "state": c.state,
+                    "failures": c.failures,
+                    "last-error": c.last_error.map(|e| e.message),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "device": self.config.sync.as_ref().map(|s| s.device.clone()),
+            "agent-version": perch_core::VERSION,
+            "board": self.config.board,
+            "applied-revision": self.revision.load(Ordering::Relaxed),
+            "uptime-ms": self.started.elapsed().as_millis() as u64,
+            "outbox": outbox,
+            "desired": self.sync.get().and_then(|s| s.state().status().desired),
+            "components": components,
+        })
+    }
+
+    /// The outbox's backlog and drops.
+    pub fn outbox_status(&self) -> OutboxStatus {
+        match self.store.outbox_stats() {
+            Ok(s) => OutboxStatus {
+                backlog: s.len,
+                bytes: s.bytes,
+                last_seq: s.last_seq,
+                dropped: s.dropped,
+                oldest_ms: s.oldest_ms,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox stats");
+                OutboxStatus::default()
+            }
+        }
     }
 
     /// The runtime.
@@ -252,6 +326,9 @@ impl Agent {
 
     /// Stops all components and makes the store durable.
     pub fn shutdown(&self) {
+        if let Some(sync) = self.sync.get() {
+            sync.stop();
+        }
         self.runtime.stop_all();
         if let Err(e) = self.store.sync() {
             tracing::error!(error = %e, "store sync at shutdown failed");
@@ -549,6 +626,8 @@ impl Agent {
             vm_bytes,
             store_bytes: self.store.size_on_disk().unwrap_or(0),
             hardware_missing: self.runtime.board().missing(),
+            outbox: self.outbox_status(),
+            sync: self.sync.get().map(|s| s.state().status()),
             components: self.runtime.status(),
         }
     }
@@ -601,6 +680,51 @@ impl Agent {
             "gauge",
             vec![(String::new(), s.store_bytes)],
         );
+        gauge(
+            "perch_outbox_records",
+            "Telemetry records waiting in the outbox.",
+            "gauge",
+            vec![(String::new(), s.outbox.backlog)],
+        );
+        gauge(
+            "perch_outbox_bytes",
+            "Bytes of telemetry waiting in the outbox.",
+            "gauge",
+            vec![(String::new(), s.outbox.bytes)],
+        );
+        gauge(
+            "perch_outbox_dropped_total",
+            "Telemetry records dropped by the outbox bounds (oldest first).",
+            "counter",
+            vec![(String::new(), s.outbox.dropped)],
+        );
+        if let Some(sync) = &s.sync {
+            let label = format!("{{transport=\"{}\"}}", sync.transport);
+            gauge(
+                "perch_sync_connected",
+                "1 while the link to the fleet is up.",
+                "gauge",
+                vec![(label.clone(), u64::from(sync.link == LinkState::Connected))],
+            );
+            gauge(
+                "perch_sync_sent_total",
+                "Outbox records the broker acknowledged since the agent started.",
+                "counter",
+                vec![(label.clone(), sync.sent)],
+            );
+            gauge(
+                "perch_sync_connects_total",
+                "Connections to the broker since the agent started.",
+                "counter",
+                vec![(label.clone(), sync.connects)],
+            );
+            gauge(
+                "perch_sync_last_ack_timestamp_ms",
+                "When the broker last acknowledged outbox records (Unix ms, 0: never).",
+                "gauge",
+                vec![(label, sync.last_sync_ms.unwrap_or(0))],
+            );
+        }
         gauge(
             "perch_bus_published_total",
             "Messages published on the local bus.",

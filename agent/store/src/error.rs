@@ -108,6 +108,67 @@ impl StoreError {
     pub fn is_corrupt(&self) -> bool {
         matches!(self, Self::Corrupt { .. })
     }
+
+    /// The same error for another caller: a failed outbox commit is reported to every
+    /// appender of its batch. An I/O error keeps its kind and OS error code and message.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::NotAStore { path, reason } => Self::NotAStore {
+                path: path.clone(),
+                reason,
+            },
+            Self::Open { path, source } => Self::Open {
+                path: path.clone(),
+                source: source.clone(),
+            },
+            Self::Unrecoverable { path, reason } => Self::Unrecoverable {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            Self::UnsupportedFormat {
+                path,
+                found,
+                expected,
+            } => Self::UnsupportedFormat {
+                path: path.clone(),
+                found: found.clone(),
+                expected,
+            },
+            Self::Io {
+                action,
+                path,
+                source,
+            } => Self::Io {
+                action,
+                path: path.clone(),
+                source: match source.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            Self::Sled { action, source } => Self::Sled {
+                action: action.clone(),
+                source: source.clone(),
+            },
+            Self::DigestMismatch { expected, actual } => Self::DigestMismatch {
+                expected: *expected,
+                actual: *actual,
+            },
+            Self::Corrupt { what, detail } => Self::Corrupt {
+                what: what.clone(),
+                detail: detail.clone(),
+            },
+            Self::Invalid {
+                what,
+                value,
+                reason,
+            } => Self::Invalid {
+                what,
+                value: value.clone(),
+                reason,
+            },
+        }
+    }
 }
 
 /// `map_err` adapter for sled errors; `action` is only formatted when there is an error.

@@ -6,8 +6,15 @@
 //! its own checksum), the desired-state journal (the current and the previous accepted
 //! document, committed atomically and durably) and one key-value namespace per component.
 //! The agent talks to it through the object-safe [`Store`] trait, so sled stays an
-//! implementation detail ([`SledStore`]). It must not depend on wasmtime or tokio: calls are
-//! blocking and plain bytes go in and out; the runtime decides what an artifact means.
+//! implementation detail ([`SledStore`]). It must not depend on wasmtime or on a tokio
+//! runtime: calls are blocking and plain bytes go in and out; the runtime decides what an
+//! artifact means. The one async-facing piece is [`Store::outbox_watch`], a
+//! `tokio::sync::watch` channel (tokio's runtime-free `sync` module) so a drainer task wakes
+//! when telemetry becomes durable.
+//!
+//! The telemetry outbox is a durable queue: appenders that arrive together share one commit
+//! (one sled flush and one `fdatasync`), sequence numbers never repeat over the life of the
+//! store, and [`SledOptions`] bounds its size and age; see [`SledStore`].
 //!
 //! sled 0.34's `flush()` does not fsync (it issues `sync_file_range`), so [`Store::sync`] and
 //! [`Store::commit_desired`] follow it with `fdatasync` of sled's files; see
@@ -25,7 +32,8 @@ use perch_core::Digest;
 
 pub use error::StoreError;
 pub use sled_store::{
-    DEFAULT_CACHE_CAPACITY, DEFAULT_FLUSH_EVERY_MS, FORMAT, SledOptions, SledStore,
+    DEFAULT_CACHE_CAPACITY, DEFAULT_FLUSH_EVERY_MS, DEFAULT_OUTBOX_MAX_AGE,
+    DEFAULT_OUTBOX_MAX_BYTES, FORMAT, SledOptions, SledStore,
 };
 
 /// The agent's durable storage, held as `Arc<dyn Store>`.
@@ -107,11 +115,31 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// while no instance of that component runs.
     fn kv_drop(&self, ns: &str) -> Result<(), StoreError>;
 
-    /// Appends a telemetry record to the outbox and returns its sequence number (1, 2, ...
-    /// over the life of the store). Durable when this returns.
+    /// Appends a telemetry record to the outbox and returns its sequence number: 1, 2, ...
+    /// over the life of the store, never repeated, even after the outbox was emptied and the
+    /// store reopened (it becomes the broker message id receivers deduplicate on). Durable
+    /// when this returns: the record survives a power cut. Appenders calling at the same
+    /// time share one commit. An error means the record was not acknowledged (when the disk
+    /// failed, it is taken out of the outbox again); its sequence number is not reused.
     fn outbox_append(&self, record: &OutboxRecord) -> Result<u64, StoreError>;
 
-    /// The newest `limit` outbox records, oldest first.
+    /// Up to `limit` durable records with a sequence number above `after`, oldest first.
+    fn outbox_read(&self, after: u64, limit: usize)
+    -> Result<Vec<(u64, OutboxRecord)>, StoreError>;
+
+    /// Removes every record with a sequence number up to and including `through` (the
+    /// broker acknowledged them) and returns how many were removed. Not synced on its own: a
+    /// power cut may bring some back, which only means they are sent again.
+    fn outbox_ack(&self, through: u64) -> Result<u64, StoreError>;
+
+    /// The outbox's size, sequence numbers and drops.
+    fn outbox_stats(&self) -> Result<OutboxStats, StoreError>;
+
+    /// The sequence number of the last durable record, updated after every commit, so a
+    /// drainer can wait for new records instead of polling.
+    fn outbox_watch(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// The newest `limit` durable outbox records, oldest first.
     fn outbox_recent(&self, limit: usize) -> Result<Vec<(u64, OutboxRecord)>, StoreError>;
 
     /// How many records the outbox holds.
@@ -138,17 +166,36 @@ pub struct OutboxRecord {
 }
 
 impl OutboxRecord {
-    /// Frame: u16 length + component, u16 length + stream, u64 timestamp, payload.
-    fn encode(&self) -> Vec<u8> {
+    /// Frame: u16 length + component, u16 length + stream, u64 timestamp, payload. A
+    /// component or stream name longer than a u16 length can say is refused.
+    fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let mut out =
             Vec::with_capacity(12 + self.component.len() + self.stream.len() + self.payload.len());
-        for s in [&self.component, &self.stream] {
-            out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        for (what, s) in [
+            ("outbox component", &self.component),
+            ("outbox stream", &self.stream),
+        ] {
+            let len = u16::try_from(s.len()).map_err(|_| StoreError::Invalid {
+                what,
+                value: s.chars().take(64).collect(),
+                reason: "it is longer than 65535 bytes",
+            })?;
+            out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(s.as_bytes());
         }
         out.extend_from_slice(&self.timestamp_ms.to_be_bytes());
         out.extend_from_slice(&self.payload);
-        out
+        Ok(out)
+    }
+
+    /// The timestamp in an encoded record, without decoding the rest.
+    fn timestamp_of(frame: &[u8]) -> Option<u64> {
+        let skip = |at: usize| -> Option<usize> {
+            let len = u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?);
+            Some(at + 2 + usize::from(len))
+        };
+        let at = skip(skip(0)?)?;
+        Some(u64::from_be_bytes(frame.get(at..at + 8)?.try_into().ok()?))
     }
 
     fn decode(mut bytes: &[u8]) -> Option<Self> {
@@ -168,6 +215,26 @@ impl OutboxRecord {
             payload: bytes[8..].to_vec(),
         })
     }
+}
+
+/// The outbox at a glance, from [`Store::outbox_stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Records waiting to be acknowledged by the broker.
+    pub len: u64,
+    /// Their encoded size in bytes (what [`SledOptions::outbox_max_bytes`] bounds).
+    pub bytes: u64,
+    /// The lowest sequence number waiting (`None` when the outbox is empty).
+    pub first_seq: Option<u64>,
+    /// The highest sequence number ever assigned (0 before the first append).
+    pub last_seq: u64,
+    /// The timestamp of the oldest waiting record (the one with `first_seq`).
+    pub oldest_ms: Option<u64>,
+    /// Records dropped by the size and age bounds over the life of the store.
+    pub dropped: u64,
+    /// Commits (one sled flush and one `fdatasync` each) since the store was opened; with
+    /// concurrent appenders it grows slower than `last_seq` (group commit).
+    pub commits: u64,
 }
 
 /// One committed desired-state document.
@@ -259,9 +326,23 @@ mod tests {
             timestamp_ms: 1_700_000_000_123,
             payload: b"{\"t\":21.5}".to_vec(),
         };
-        assert_eq!(OutboxRecord::decode(&r.encode()), Some(r.clone()));
-        let frame = r.encode();
+        let frame = r.encode().expect("short names encode");
+        assert_eq!(OutboxRecord::decode(&frame), Some(r.clone()));
+        assert_eq!(OutboxRecord::timestamp_of(&frame), Some(r.timestamp_ms));
         assert_eq!(OutboxRecord::decode(&frame[..5]), None);
+        assert_eq!(OutboxRecord::timestamp_of(&frame[..20]), None);
+    }
+
+    #[test]
+    fn outbox_names_too_long_for_the_frame_are_refused() {
+        let r = OutboxRecord {
+            component: "c".into(),
+            stream: "s".repeat(70_000),
+            timestamp_ms: 1,
+            payload: Vec::new(),
+        };
+        let err = r.encode().expect_err("a 70000-byte stream name");
+        assert!(err.to_string().contains("invalid outbox stream"), "{err}");
     }
 
     #[test]

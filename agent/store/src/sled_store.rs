@@ -8,13 +8,16 @@
 //!   A header and its chunks are written and removed in one transaction.
 //! - `perch/journal`: `current`, `previous` -> sealed (generation u64 BE ++ document);
 //!   `generation` -> the last generation handed out.
-//! - `perch/meta`: `format` -> [`FORMAT`].
+//! - `perch/meta`: `format` -> [`FORMAT`]; `outbox-last-seq` -> the last outbox sequence
+//!   number handed out and `outbox-dropped` -> records dropped by the outbox bounds (u64 BE).
+//! - `perch/outbox`: sequence number (u64 BE) -> encoded [`OutboxRecord`] ([`outbox`]).
 //! - `kv/<namespace>`: one tree per component namespace, keys are the UTF-8 keys.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use perch_core::Digest;
 use sled::transaction::ConflictableTransactionError;
@@ -25,16 +28,11 @@ use crate::durable::{BlobFiles, sync_dir, sync_file};
 use crate::error::{io_err, sled_err, tx_err};
 use crate::frame;
 use crate::objects::{self, Header, ReadError};
-use crate::{Journal, JournalEntry, OutboxRecord, Store, StoreError};
+use crate::{Journal, JournalEntry, OutboxRecord, OutboxStats, Store, StoreError};
 
-fn outbox_seq(key: &[u8]) -> Result<u64, StoreError> {
-    <[u8; 8]>::try_from(key)
-        .map(u64::from_be_bytes)
-        .map_err(|_| StoreError::Corrupt {
-            what: "an outbox key".into(),
-            detail: format!("it is {} bytes, not 8", key.len()),
-        })
-}
+mod outbox;
+
+use outbox::Outbox;
 
 /// sled's page cache size unless configured. sled's own default (1 GiB) is sized for
 /// servers. sled's accounting is loose, so this is not an RSS bound: measured here with
@@ -46,6 +44,13 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 4 * 1024 * 1024;
 /// default). It bounds what a power cut can lose of writes nobody called
 /// [`Store::sync`] for; acknowledged writes do not depend on it.
 pub const DEFAULT_FLUSH_EVERY_MS: u64 = 500;
+
+/// [`SledOptions::outbox_max_bytes`] unless configured: 64 MiB, about 600,000 records of
+/// 100 bytes.
+pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// [`SledOptions::outbox_max_age`] unless configured: 7 days.
+pub const DEFAULT_OUTBOX_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// The on-disk format this build reads and writes, recorded in the store on creation. The
 /// tree layout and the chunk size are part of it.
@@ -71,6 +76,29 @@ const SLED_CONF_FILE: &str = "conf";
 const SLED_BLOB_DIR: &str = "blobs";
 
 /// How to open a [`SledStore`].
+///
+/// # The outbox bounds
+///
+/// During a long outage the telemetry outbox grows until the broker is back. Two bounds
+/// keep it from filling the disk, both applied when a batch of new records is committed:
+/// - **Size**: when the new records would put the outbox over `outbox_max_bytes` (the sum
+///   of the encoded records: payload, names and 12 bytes of framing each), the *oldest*
+///   records are dropped until they fit. New records are never dropped for them: after a
+///   long outage the newest data is the most valuable. A record larger than the whole bound
+///   is refused with [`StoreError::Invalid`].
+/// - **Age**: records whose `timestamp_ms` is older than `outbox_max_age` are dropped,
+///   oldest first, at most 4096 per commit. The check walks from the oldest record and
+///   stops at the first one young enough, so an old timestamp behind a newer one (a clock
+///   that jumped back) waits until that one expires. Timestamps are taken as given: records
+///   made while the device clock was unset (1970) are dropped at the next commit once the
+///   clock is right.
+///
+/// Only records already durable are dropped, never one whose appender is still waiting, so
+/// while appenders are committing concurrently the outbox can be over its size bound by
+/// the records in flight until the next commit. Drops are written with the commit that
+/// causes them, counted in [`OutboxStats::dropped`](crate::OutboxStats::dropped)
+/// (persisted) and logged once per commit (`store.outbox_dropped`, with how many and their
+/// sequence numbers). An outbox nobody appends to is not trimmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SledOptions {
     /// sled's page cache, in bytes.
@@ -78,6 +106,12 @@ pub struct SledOptions {
     /// sled's background flush interval in milliseconds; `None` turns the thread off (only
     /// explicit syncs then reach the disk before the store is dropped).
     pub flush_every_ms: Option<u64>,
+    /// The most encoded bytes the outbox holds before it drops its oldest records; at
+    /// least 1.
+    pub outbox_max_bytes: u64,
+    /// Records older than this are dropped; `None` keeps them until the size bound drops
+    /// them.
+    pub outbox_max_age: Option<Duration>,
 }
 
 impl Default for SledOptions {
@@ -85,6 +119,8 @@ impl Default for SledOptions {
         Self {
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             flush_every_ms: Some(DEFAULT_FLUSH_EVERY_MS),
+            outbox_max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
+            outbox_max_age: Some(DEFAULT_OUTBOX_MAX_AGE),
         }
     }
 }
@@ -98,6 +134,11 @@ impl Default for SledOptions {
 /// in the log. [`Store::sync`] calls sled's `flush()` and then
 /// `fdatasync`s the blob files not synced before, the `blobs` directory when its entries
 /// changed, and `db`; opening also syncs `conf` and the store directory.
+///
+/// The telemetry outbox is a durable queue with group commit: concurrent
+/// [`Store::outbox_append`] calls share one sled flush and `fdatasync`, sequence numbers
+/// come from a persisted high-water mark, and [`SledOptions`] bounds its size and age (see
+/// there for what is dropped).
 pub struct SledStore {
     path: PathBuf,
     options: SledOptions,
@@ -106,9 +147,7 @@ pub struct SledStore {
     artifacts: Tree,
     chunks: Tree,
     journal: Tree,
-    outbox: Tree,
-    /// Serializes outbox appends so sequence numbers are handed out in order.
-    outbox_lock: std::sync::Mutex<()>,
+    outbox: Outbox,
     blob_files: BlobFiles,
 }
 
@@ -128,6 +167,13 @@ impl SledStore {
     /// another format.
     pub fn open(path: impl AsRef<Path>, options: &SledOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        if options.outbox_max_bytes == 0 {
+            return Err(StoreError::Invalid {
+                what: "outbox_max_bytes",
+                value: "0".into(),
+                reason: "the outbox must be able to hold a record",
+            });
+        }
         let found = prepare_dir(&path)?;
 
         let config = sled::Config::new()
@@ -157,13 +203,18 @@ impl SledStore {
             }))
         };
         let meta = open_tree(META)?;
+        let outbox_tree = open_tree(OUTBOX)?;
+        let outbox = guard(
+            &path,
+            || "loading the outbox".into(),
+            || Outbox::open(outbox_tree, meta.clone(), options, &path),
+        )?;
         let store = Self {
             blobs: open_tree(BLOBS)?,
             chunks: open_tree(CHUNKS)?,
             artifacts: open_tree(ARTIFACTS)?,
             journal: open_tree(JOURNAL)?,
-            outbox: open_tree(OUTBOX)?,
-            outbox_lock: std::sync::Mutex::new(()),
+            outbox,
             blob_files: BlobFiles::default(),
             options: options.clone(),
             path,
@@ -348,15 +399,17 @@ impl SledStore {
         action: impl FnOnce() -> String,
         op: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        std::panic::catch_unwind(AssertUnwindSafe(op)).unwrap_or_else(|panic| {
-            let action = action();
-            let message = panic_message(&*panic);
-            error!(path = %self.path.display(), action, message, "store.sled_panic");
-            Err(StoreError::Unrecoverable {
-                path: self.path.clone(),
-                reason: format!("sled panicked while {action}: {message}"),
-            })
-        })
+        guard(&self.path, action, op)
+    }
+
+    /// sled's `flush()` and then `fdatasync` of what it wrote: blob files first (the log in
+    /// `db` points at them), then `db`.
+    fn flush_and_sync(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(sled_err(|| format!("flushing `{}`", self.path.display())))?;
+        self.blob_files.sync(&self.path.join(SLED_BLOB_DIR))?;
+        sync_file(&self.path.join(SLED_DB_FILE))
     }
 
     /// Reads what the agent needs first (journal, blob index) so a damaged database is
@@ -400,6 +453,23 @@ impl SledStore {
             .map(Some)
             .map_err(sled_err(|| format!("opening kv namespace `{ns}`")))
     }
+}
+
+/// [`SledStore::guarded`] for code that runs before the store exists.
+fn guard<T>(
+    path: &Path,
+    action: impl FnOnce() -> String,
+    op: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    std::panic::catch_unwind(AssertUnwindSafe(op)).unwrap_or_else(|panic| {
+        let action = action();
+        let message = panic_message(&*panic);
+        error!(path = %path.display(), action, message, "store.sled_panic");
+        Err(StoreError::Unrecoverable {
+            path: path.to_path_buf(),
+            reason: format!("sled panicked while {action}: {message}"),
+        })
+    })
 }
 
 /// What [`prepare_dir`] found at the store path.
@@ -915,69 +985,52 @@ impl Store for SledStore {
     fn sync(&self) -> Result<(), StoreError> {
         self.guarded(
             || format!("syncing `{}`", self.path.display()),
-            || {
-                self.db
-                    .flush()
-                    .map_err(sled_err(|| format!("flushing `{}`", self.path.display())))?;
-                // Blob files first: the log in `db` points at them.
-                self.blob_files.sync(&self.path.join(SLED_BLOB_DIR))?;
-                sync_file(&self.path.join(SLED_DB_FILE))
-            },
+            || self.flush_and_sync(),
         )
     }
 
     #[instrument(name = "store.outbox_append", level = "debug", skip_all, fields(stream = %record.stream), err)]
     fn outbox_append(&self, record: &OutboxRecord) -> Result<u64, StoreError> {
-        let seq = self.guarded(
-            || format!("appending to the outbox stream `{}`", record.stream),
-            || {
-                let _order = self
-                    .outbox_lock
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let last = self
-                    .outbox
-                    .last()
-                    .map_err(sled_err(|| "reading the outbox".to_string()))?;
-                let seq = match last {
-                    Some((key, _)) => outbox_seq(&key)? + 1,
-                    None => 1,
-                };
-                self.outbox
-                    .insert(seq.to_be_bytes(), record.encode())
-                    .map_err(sled_err(|| "appending to the outbox".to_string()))?;
-                Ok(seq)
-            },
-        )?;
-        // Acknowledged records must survive a power cut.
-        self.sync()?;
-        Ok(seq)
+        // Commits run under `guarded` inside; nothing else here touches sled.
+        self.outbox.append(self, record)
+    }
+
+    fn outbox_read(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        self.guarded(
+            || format!("reading the outbox after {after}"),
+            || self.outbox.read(after, limit),
+        )
+    }
+
+    #[instrument(name = "store.outbox_ack", level = "debug", skip(self), err)]
+    fn outbox_ack(&self, through: u64) -> Result<u64, StoreError> {
+        self.guarded(
+            || format!("acknowledging outbox records to {through}"),
+            || self.outbox.ack(through),
+        )
+    }
+
+    fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
+        self.guarded(|| "reading the outbox stats".into(), || self.outbox.stats())
+    }
+
+    fn outbox_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.outbox.watch()
     }
 
     fn outbox_recent(&self, limit: usize) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
         self.guarded(
             || "reading the outbox".to_string(),
-            || {
-                let mut out = Vec::new();
-                for item in self.outbox.iter().rev().take(limit) {
-                    let (key, value) =
-                        item.map_err(sled_err(|| "reading the outbox".to_string()))?;
-                    let seq = outbox_seq(&key)?;
-                    let record =
-                        OutboxRecord::decode(&value).ok_or_else(|| StoreError::Corrupt {
-                            what: format!("outbox record {seq}"),
-                            detail: "its frame does not decode".into(),
-                        })?;
-                    out.push((seq, record));
-                }
-                out.reverse();
-                Ok(out)
-            },
+            || self.outbox.recent(limit),
         )
     }
 
     fn outbox_len(&self) -> Result<u64, StoreError> {
-        Ok(self.outbox.len() as u64)
+        Ok(self.outbox.len())
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -1301,6 +1354,60 @@ mod tests {
             message.contains(&dir.path().display().to_string()),
             "{message}"
         );
+        Ok(())
+    }
+
+    fn outbox_record(n: u64, payload_len: usize) -> OutboxRecord {
+        OutboxRecord {
+            component: "c".into(),
+            stream: "s".into(),
+            timestamp_ms: n,
+            payload: pattern(payload_len, n as u8),
+        }
+    }
+
+    #[test]
+    fn large_outbox_records_go_to_sled_blob_files_that_the_commit_syncs() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let options = SledOptions {
+            outbox_max_age: None,
+            ..SledOptions::default()
+        };
+        let store = SledStore::open(dir.path(), &options)?;
+        // sled splits a leaf at 17 entries, not by size: 20 KiB records make leaf pages
+        // over its ~128 KiB blob threshold.
+        for n in 1..=60 {
+            store.outbox_append(&outbox_record(n, 20 * 1024))?;
+        }
+        let files = std::fs::read_dir(dir.path().join(SLED_BLOB_DIR))?.count();
+        assert!(files >= 1, "outbox leaf pages should be in sled blob files");
+        // Every append synced them; nothing is left to sync.
+        assert_eq!(store.blob_files.sync(&dir.path().join(SLED_BLOB_DIR))?, 0);
+        drop(store);
+        let store = SledStore::open(dir.path(), &options)?;
+        assert_eq!(store.outbox_read(0, 100)?.len(), 60);
+        Ok(())
+    }
+
+    #[test]
+    fn an_outbox_without_a_high_water_mark_continues_after_its_last_record() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let options = SledOptions {
+            outbox_max_age: None,
+            ..SledOptions::default()
+        };
+        {
+            let store = SledStore::open(dir.path(), &options)?;
+            for n in 1..=3 {
+                store.outbox_append(&outbox_record(n, 10))?;
+            }
+            // As written by a build before the high-water mark existed.
+            store.db.open_tree(META)?.remove(outbox::LAST_SEQ_KEY)?;
+            store.sync()?;
+        }
+        let store = SledStore::open(dir.path(), &options)?;
+        assert_eq!(store.outbox_stats()?.last_seq, 3);
+        assert_eq!(store.outbox_append(&outbox_record(4, 10))?, 4);
         Ok(())
     }
 }

@@ -1,23 +1,35 @@
-//! Crash consistency of the desired-state journal: a child process commits numbered documents
-//! in a loop and is SIGKILLed at a random moment; the parent reopens the store and checks
-//! that `current` is one whole document, `previous` the one before it, and nothing the child
-//! acknowledged was lost.
+//! Crash consistency: a child process writes in a loop and is SIGKILLed at a random moment;
+//! the parent reopens the store and checks that nothing the child acknowledged was lost.
+//! For the desired-state journal, `current` must be one whole document and `previous` the
+//! one before it; for the telemetry outbox, every record the child's appenders were given a
+//! sequence number for must be there, intact, and sequence numbers never repeat.
 //!
-//! The child is this test binary again, running only the ignored `crash_child` helper.
+//! The child is this test binary again, running only an ignored helper (`crash_child`,
+//! `outbox_child`).
 
+use std::collections::BTreeMap;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError, mpsc};
 use std::time::Duration;
 
-use perch_store::{SledOptions, SledStore, Store};
+use perch_store::{OutboxRecord, SledOptions, SledStore, Store};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const CHILD_DIR_ENV: &str = "PERCH_STORE_CRASH_CHILD_DIR";
+const OUTBOX_CHILD_DIR_ENV: &str = "PERCH_STORE_OUTBOX_CHILD_DIR";
+const OUTBOX_CHILD_ROUND_ENV: &str = "PERCH_STORE_OUTBOX_CHILD_ROUND";
+/// Appender threads in the outbox child, so kills land in shared commits.
+const OUTBOX_APPENDERS: u64 = 4;
+
+/// Held by each test that spawns children. Between fork and exec a child holds copies of
+/// all the parent's descriptors, among them the one carrying another test's store lock
+/// (sled `flock`s `db`), so that test's next child could find its store still locked.
+static SPAWNING: Mutex<()> = Mutex::new(());
 const ROUNDS: u64 = 10;
 
 /// Document `seq`: JSON with its sequence number and padding derived from it, so a torn or
@@ -49,6 +61,17 @@ fn parse_doc(bytes: &[u8]) -> Option<u64> {
 
 fn open(dir: &Path) -> Result<SledStore, perch_store::StoreError> {
     SledStore::open(dir, &SledOptions::default())
+}
+
+/// The outbox rounds' records carry made-up timestamps: no age bound.
+fn open_outbox(dir: &Path) -> Result<SledStore, perch_store::StoreError> {
+    SledStore::open(
+        dir,
+        &SledOptions {
+            outbox_max_age: None,
+            ..SledOptions::default()
+        },
+    )
 }
 
 #[test]
@@ -90,6 +113,7 @@ impl Rng {
 
 #[test]
 fn killed_mid_commit_leaves_a_whole_journal() -> TestResult {
+    let _alone = SPAWNING.lock().unwrap_or_else(PoisonError::into_inner);
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let mut rng = Rng::new();
@@ -112,9 +136,10 @@ fn killed_mid_commit_leaves_a_whole_journal() -> TestResult {
         let (acks, acked) = mpsc::channel();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // The first one shares its line with the harness's `test crash_child ... `.
                 if let Some(seq) = line
-                    .strip_prefix("acked ")
-                    .and_then(|s| s.parse::<u64>().ok())
+                    .find("acked ")
+                    .and_then(|at| line[at + "acked ".len()..].parse::<u64>().ok())
                 {
                     let _ = acks.send(seq);
                 }
@@ -197,4 +222,173 @@ fn documents_are_self_checking() {
     let at = mixed.len() - 5;
     mixed[at] = b'!';
     assert_eq!(parse_doc(&mixed), None);
+}
+
+/// Record `n` of appender `thread` in `round`: everything about it derives from those three,
+/// so a torn, mixed-up or misplaced record cannot pass for the acknowledged one. Every 97th
+/// payload is 8 KiB (a sled leaf of such records is over sled's blob threshold).
+fn outbox_record(round: u64, thread: u64, n: u64) -> OutboxRecord {
+    let len = if n % 97 == 5 {
+        8 * 1024
+    } else {
+        40 + (n % 17) as usize * 13
+    };
+    let seed = round.wrapping_mul(1_000_003) ^ thread.wrapping_mul(7919) ^ n;
+    OutboxRecord {
+        component: format!("appender-{thread}"),
+        stream: format!("round-{round}"),
+        timestamp_ms: 1_700_000_000_000 + round * 1_000_000 + n,
+        payload: (0..len)
+            .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64) % 251) as u8)
+            .collect(),
+    }
+}
+
+#[test]
+#[ignore = "helper process for `killed_mid_append_keeps_every_acknowledged_outbox_record`"]
+fn outbox_child() -> TestResult {
+    let Some(dir) = std::env::var_os(OUTBOX_CHILD_DIR_ENV) else {
+        return Ok(());
+    };
+    let round: u64 = std::env::var(OUTBOX_CHILD_ROUND_ENV)?.parse()?;
+    let store = std::sync::Arc::new(open_outbox(Path::new(&dir))?);
+    let appenders: Vec<_> = (0..OUTBOX_APPENDERS)
+        .map(|thread| {
+            let store = std::sync::Arc::clone(&store);
+            std::thread::spawn(move || -> Result<(), String> {
+                for n in 0.. {
+                    let seq = store
+                        .outbox_append(&outbox_record(round, thread, n))
+                        .map_err(|e| e.to_string())?;
+                    // One write per line: lines from different threads never interleave.
+                    let line = format!("acked {seq} {thread} {n} ok\n");
+                    std::io::stdout()
+                        .lock()
+                        .write_all(line.as_bytes())
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for appender in appenders {
+        appender.join().map_err(|_| "appender panicked")??;
+    }
+    Ok(())
+}
+
+/// Parses `acked <seq> <thread> <n> ok`; the first one shares its line with the test
+/// harness's `test outbox_child ... `.
+fn parse_ack(line: &str) -> Option<(u64, (u64, u64))> {
+    let at = line.find("acked ")?;
+    let mut words = line[at + "acked ".len()..].strip_suffix(" ok")?.split(' ');
+    let mut next = || words.next()?.parse::<u64>().ok();
+    Some((next()?, (next()?, next()?)))
+}
+
+#[test]
+fn killed_mid_append_keeps_every_acknowledged_outbox_record() -> TestResult {
+    let _alone = SPAWNING.lock().unwrap_or_else(PoisonError::into_inner);
+    let dir = tempfile::tempdir()?;
+    let exe = std::env::current_exe()?;
+    let mut rng = Rng::new();
+    // Every sequence number a child was given, over all rounds: (round, thread, n).
+    let mut acked: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    let mut drained = 0; // what the parent acknowledged (removed) itself
+
+    for round in 0..ROUNDS {
+        let mut child = Command::new(&exe)
+            .args([
+                "outbox_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(OUTBOX_CHILD_DIR_ENV, dir.path())
+            .env(OUTBOX_CHILD_ROUND_ENV, round.to_string())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("child has no stdout")?;
+        let (acks, received) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(ack) = parse_ack(&line) {
+                    let _ = acks.send(ack);
+                }
+            }
+        });
+
+        // Most rounds kill mid-append; every third one may also hit open and recovery.
+        let mut first = Vec::new();
+        if round % 3 != 2 {
+            first.push(received.recv_timeout(Duration::from_secs(60))?);
+        }
+        std::thread::sleep(Duration::from_millis(rng.below(150)));
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("round {round}: the child exited by itself: {status}").into());
+        }
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        reader.join().map_err(|_| "reader thread panicked")?;
+        let this_round: Vec<_> = first.into_iter().chain(received.try_iter()).collect();
+        for &(seq, (thread, n)) in &this_round {
+            if let Some(earlier) = acked.insert(seq, (round, thread, n)) {
+                return Err(format!(
+                    "round {round}: sequence number {seq} handed out again (first to {earlier:?})"
+                )
+                .into());
+            }
+        }
+
+        let store = open_outbox(dir.path())?;
+        let stored: BTreeMap<u64, OutboxRecord> = store
+            .outbox_read(drained, usize::MAX)?
+            .into_iter()
+            .collect();
+        for (&seq, &(r, thread, n)) in acked.range(drained + 1..) {
+            let record = stored.get(&seq).ok_or_else(|| {
+                format!("round {round}: acknowledged record {seq} ({r}, {thread}, {n}) is missing")
+            })?;
+            assert!(
+                *record == outbox_record(r, thread, n),
+                "round {round}: record {seq} is not the one acknowledged ({r}, {thread}, {n})"
+            );
+        }
+        let stats = store.outbox_stats()?;
+        assert!(
+            stats.last_seq >= acked.keys().next_back().copied().unwrap_or(0),
+            "round {round}: {stats:?}"
+        );
+        println!(
+            "round {round}: {} acknowledged, {} stored, last seq {}",
+            this_round.len(),
+            stored.len(),
+            stats.last_seq
+        );
+        // Drain now and then, as the broker would: sequence numbers must go on regardless.
+        if round % 2 == 1 {
+            drained = stats.last_seq;
+            store.outbox_ack(drained)?;
+        }
+    }
+    let stats = open_outbox(dir.path())?.outbox_stats()?;
+    assert_eq!(stats.dropped, 0);
+    assert!(
+        acked.len() as u64 >= ROUNDS - ROUNDS / 3,
+        "only {} acknowledged records in {ROUNDS} rounds",
+        acked.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn outbox_acks_parse_only_whole_lines() {
+    assert_eq!(parse_ack("acked 12 3 45 ok"), Some((12, (3, 45))));
+    assert_eq!(
+        parse_ack("test outbox_child ... acked 1 0 0 ok"),
+        Some((1, (0, 0)))
+    );
+    assert_eq!(parse_ack("acked 12 3 4"), None);
+    assert_eq!(parse_ack("running 1 test"), None);
 }

@@ -505,10 +505,14 @@ fn a_damaged_sled_log_is_an_error_or_an_older_whole_journal_never_a_panic() -> T
 #[test]
 fn outbox_sequences_continue_across_reopen() -> TestResult {
     let dir = tempfile::tempdir()?;
+    // Recent timestamps: the default age bound drops records older than a week.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
     let record = |n: u8| perch_store::OutboxRecord {
         component: "thermostat".into(),
         stream: "climate".into(),
-        timestamp_ms: 1_000 + u64::from(n),
+        timestamp_ms: now_ms + u64::from(n),
         payload: vec![n; usize::from(n)],
     };
     {

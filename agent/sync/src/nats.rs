@@ -1,0 +1,452 @@
+//! NATS: telemetry into JetStream with `Nats-Msg-Id = <device>:<seq>`, heartbeats on core
+//! NATS, the reported state as a put into the `perch-reported` KV bucket.
+//!
+//! Two deployments, one code path:
+//! - **direct**: `url` is the hub; its JetStream must have a stream capturing
+//!   `perch.v1.*.telemetry.>` (fleet-side setup, `docs/protocol.md`).
+//! - **leaf** (recommended): `url` is a nats-server on the device running as a leaf node of
+//!   the hub with its own JetStream domain, named by `domain`. The agent creates its stream
+//!   `PERCH_OUT` there, so telemetry is acknowledged by the device's own server even when
+//!   the hub is away, and the hub's stream sources `PERCH_OUT` across the leaf connection.
+//!
+//! Streams are created through the JetStream JSON API rather than the client's typed
+//! helpers, which expect fields a 2.9 server does not send.
+
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use perch_core::config::SyncConfig;
+use perch_store::OutboxRecord;
+
+use crate::{SyncError, Transport, subjects};
+
+/// How long a connect, a request or an ack may take.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `PERCH_OUT` remembers message ids to drop resends.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
+/// JetStream's error code for "stream name already in use" (it exists).
+const STREAM_EXISTS: u64 = 10058;
+/// JetStream's error code for "no message found".
+const NO_MESSAGE: u64 = 10037;
+/// JetStream's error code for "stream not found".
+const NO_STREAM: u64 = 10059;
+
+/// The NATS transport.
+pub struct Nats {
+    device: String,
+    url: String,
+    domain: Option<String>,
+    window: usize,
+    auth: Auth,
+    tls: Tls,
+    hub_domain: String,
+    client: Option<async_nats::Client>,
+    js: Option<jetstream::Context>,
+    stream_ready: bool,
+    mirror_ready: bool,
+}
+
+impl std::fmt::Debug for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nats")
+            .field("device", &self.device)
+            .field("url", &self.url)
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Auth {
+    None,
+    UserPassword(String, String),
+    Token(String),
+    Nkey(String),
+}
+
+struct Tls {
+    ca: Option<std::path::PathBuf>,
+    client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl Nats {
+    /// A transport for `config`; reads the nkey seed file now, so a missing file is a
+    /// start-up error rather than a connect loop.
+    pub fn new(config: &SyncConfig) -> Result<Self, SyncError> {
+        let auth = if let Some(path) = &config.nkey_seed_file {
+            let seed = std::fs::read_to_string(path).map_err(|e| {
+                SyncError::Config(format!(
+                    "sync.nkey-seed-file: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Auth::Nkey(seed.trim().to_string())
+        } else if let Some(token) = &config.token {
+            Auth::Token(token.clone())
+        } else if let Some(user) = &config.user {
+            Auth::UserPassword(user.clone(), config.password.clone().unwrap_or_default())
+        } else {
+            Auth::None
+        };
+        for (key, path) in [
+            ("ca-file", &config.ca_file),
+            ("cert-file", &config.cert_file),
+            ("key-file", &config.key_file),
+        ] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                return Err(SyncError::Config(format!(
+                    "sync.{key}: {} is not a readable file",
+                    p.display()
+                )));
+            }
+        }
+        Ok(Self {
+            device: config.device.clone(),
+            url: config.url.clone(),
+            domain: config.domain.clone(),
+            window: config.window,
+            auth,
+            tls: Tls {
+                ca: config.ca_file.clone(),
+                client: config.cert_file.clone().zip(config.key_file.clone()),
+            },
+            hub_domain: config.hub_domain.clone(),
+            client: None,
+            js: None,
+            stream_ready: false,
+            mirror_ready: false,
+        })
+    }
+
+    fn options(&self) -> async_nats::ConnectOptions {
+        let mut o = match &self.auth {
+            Auth::None => async_nats::ConnectOptions::new(),
+            Auth::UserPassword(u, p) => {
+                async_nats::ConnectOptions::with_user_and_password(u.clone(), p.clone())
+            }
+            Auth::Token(t) => async_nats::ConnectOptions::with_token(t.clone()),
+            Auth::Nkey(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+        };
+        if let Some(ca) = &self.tls.ca {
+            o = o.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &self.tls.client {
+            o = o.add_client_certificate(cert.clone(), key.clone());
+        }
+        o.name(format!("perchd {}", self.device))
+            .connection_timeout(TIMEOUT)
+            .request_timeout(Some(TIMEOUT))
+            .ping_interval(Duration::from_secs(10))
+            // The client reconnects on its own once connected; the sync loop waits for it.
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                tracing::debug!(%event, "nats client");
+            })
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100u64 << attempts.min(6)).min(2000))
+            })
+    }
+
+    /// The client, if it is connected now.
+    fn connected(&self) -> Result<&async_nats::Client, SyncError> {
+        match &self.client {
+            Some(c) if c.connection_state() == State::Connected => Ok(c),
+            _ => Err(SyncError::NotConnected {
+                url: self.url.clone(),
+            }),
+        }
+    }
+
+    /// The JetStream API prefix: the leaf's domain, or the connected server's own.
+    fn api_prefix(&self) -> String {
+        match &self.domain {
+            Some(d) => format!("$JS.{d}.API"),
+            None => "$JS.API".to_string(),
+        }
+    }
+
+    /// One JetStream API request through the configured prefix; an `error` in the answer
+    /// is returned as its JSON text.
+    async fn api(&self, call: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| "not connected".to_string())?;
+        let subject = format!("{}.{call}", self.api_prefix());
+        let reply = client
+            .request(subject, Bytes::from(body.to_string()))
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())
+    }
+
+    /// Creates a stream from `config` unless one of that name exists.
+    async fn create_stream(&self, config: serde_json::Value) -> Result<(), SyncError> {
+        let name = config["name"].as_str().unwrap_or_default().to_string();
+        let setup = |reason: String| SyncError::Setup {
+            what: format!("stream {name} on {}", self.url),
+            reason,
+        };
+        let body = self
+            .api(&format!("STREAM.CREATE.{name}"), &config)
+            .await
+            .map_err(setup)?;
+        if let Some(err) = body.get("error")
+            && err.get("err_code").and_then(|c| c.as_u64()) != Some(STREAM_EXISTS)
+        {
+            return Err(setup(err.to_string()));
+        }
+        Ok(())
+    }
+
+    /// On a leaf node: a mirror of the hub's `perch-desired` KV filtered to this device, so
+    /// the desired state is there whenever the leaf is, and catches up when the hub is back.
+    async fn ensure_desired_mirror(&mut self) -> Result<(), SyncError> {
+        if self.mirror_ready || self.domain.is_none() {
+            return Ok(());
+        }
+        let stream = format!("KV_{}", subjects::DESIRED_BUCKET);
+        self.create_stream(serde_json::json!({
+            "name": stream,
+            "storage": "file",
+            "num_replicas": 1,
+            "max_msgs_per_subject": 1,
+            "mirror": {
+                "name": stream,
+                "external": { "api": format!("$JS.{}.API", self.hub_domain), "deliver": "" },
+                "filter_subject": subjects::desired_kv(&self.device),
+            },
+        }))
+        .await?;
+        self.mirror_ready = true;
+        Ok(())
+    }
+
+    /// Creates `PERCH_OUT` on the leaf node if it is not there.
+    async fn ensure_leaf_stream(&mut self) -> Result<(), SyncError> {
+        if self.stream_ready || self.domain.is_none() {
+            return Ok(());
+        }
+        let config = serde_json::json!({
+            "name": subjects::LEAF_STREAM,
+            "subjects": [subjects::telemetry_all(&self.device)],
+            "retention": "limits",
+            "storage": "file",
+            "discard": "old",
+            "num_replicas": 1,
+            "duplicate_window": DUPLICATE_WINDOW.as_nanos() as u64,
+        });
+        self.create_stream(config).await?;
+        tracing::info!(stream = subjects::LEAF_STREAM, domain = ?self.domain, "leaf stream ready");
+        self.stream_ready = true;
+        Ok(())
+    }
+}
+
+impl Transport for Nats {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn connect(&mut self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            match &self.client {
+                Some(c) if c.connection_state() == State::Connected => {}
+                Some(_) => {
+                    return Err(SyncError::NotConnected {
+                        url: self.url.clone(),
+                    });
+                }
+                None => {
+                    let client = self.options().connect(&self.url).await.map_err(|e| {
+                        SyncError::Connect {
+                            url: self.url.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    let js = jetstream::context::ContextBuilder::new()
+                        .api_prefix(self.api_prefix())
+                        .timeout(TIMEOUT)
+                        .ack_timeout(TIMEOUT)
+                        .max_ack_inflight(self.window.max(1))
+                        .backpressure_on_inflight(true)
+                        .build(client.clone());
+                    self.client = Some(client);
+                    self.js = Some(js);
+                }
+            }
+            self.ensure_leaf_stream().await?;
+            if let Err(e) = self.ensure_desired_mirror().await {
+                // Telemetry does not depend on it: report and try again next connect.
+                tracing::warn!(error = %e, "desired state will not be mirrored to the leaf yet");
+            }
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(
+        &'a mut self,
+        records: &'a [(u64, OutboxRecord)],
+    ) -> BoxFuture<'a, (Option<u64>, Result<(), SyncError>)> {
+        Box::pin(async move {
+            let (Some(js), Ok(_)) = (&self.js, self.connected()) else {
+                return (
+                    None,
+                    Err(SyncError::NotConnected {
+                        url: self.url.clone(),
+                    }),
+                );
+            };
+            let fail = |seq: u64, reason: String| SyncError::Publish {
+                what: format!("outbox record {seq}"),
+                reason,
+            };
+            let mut pending = Vec::with_capacity(records.len());
+            let mut error = None;
+            for (seq, r) in records {
+                let message = PublishMessage::build()
+                    .payload(Bytes::copy_from_slice(&r.payload))
+                    .message_id(subjects::message_id(&self.device, *seq))
+                    .header("Perch-Component", r.component.as_str())
+                    .header("Perch-Time", r.timestamp_ms.to_string().as_str());
+                match js
+                    .send_publish(subjects::telemetry(&self.device, &r.stream), message)
+                    .await
+                {
+                    Ok(ack) => pending.push((*seq, ack)),
+                    Err(e) => {
+                        error = Some(fail(*seq, e.to_string()));
+                        break;
+                    }
+                }
+            }
+            // Acks arrive in order; the acknowledged prefix ends at the first failure.
+            let mut acked = None;
+            let mut prefix = true;
+            for (seq, ack) in pending {
+                match ack.await {
+                    Ok(_) if prefix => acked = Some(seq),
+                    Ok(_) => {}
+                    Err(e) => {
+                        if prefix {
+                            error = Some(fail(seq, e.to_string()));
+                        }
+                        prefix = false;
+                    }
+                }
+            }
+            (acked, error.map_or(Ok(()), Err))
+        })
+    }
+
+    fn heartbeat(&mut self, body: Vec<u8>) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            let client = self.connected()?;
+            client
+                .publish(subjects::heartbeat(&self.device), body.into())
+                .await
+                .map_err(|e| SyncError::Publish {
+                    what: "heartbeat".into(),
+                    reason: e.to_string(),
+                })?;
+            // A publish only fills the client's buffer; the client's own state says whether
+            // the server is there (a closed socket at once, a silent one after missed pings).
+            self.connected().map(drop)
+        })
+    }
+
+    fn put_reported(&mut self, body: Vec<u8>) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            let client = self.connected()?;
+            // A KV put is a publish to `$KV.<bucket>.<key>`, acknowledged by the hub's
+            // KV stream (across the leaf connection in leaf mode).
+            let hub = jetstream::new(client.clone());
+            let fail = |reason: String| SyncError::Publish {
+                what: format!("reported state to KV `{}`", subjects::REPORTED_BUCKET),
+                reason,
+            };
+            let ack = hub
+                .publish(subjects::reported_kv(&self.device), body.into())
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            ack.await.map_err(|e| fail(e.to_string()))?;
+            Ok(())
+        })
+    }
+
+    fn fetch_desired(&mut self) -> BoxFuture<'_, Result<Option<Vec<u8>>, SyncError>> {
+        Box::pin(async move {
+            self.connected()?;
+            let stream = format!("KV_{}", subjects::DESIRED_BUCKET);
+            let fail = |reason: String| SyncError::Setup {
+                what: format!(
+                    "reading the desired state from KV `{}`",
+                    subjects::DESIRED_BUCKET
+                ),
+                reason,
+            };
+            let body = self
+                .api(
+                    &format!("STREAM.MSG.GET.{stream}"),
+                    &serde_json::json!({ "last_by_subj": subjects::desired_kv(&self.device) }),
+                )
+                .await
+                .map_err(fail)?;
+            if let Some(err) = body.get("error") {
+                // No desired state for this device yet, or no bucket yet.
+                return match err.get("err_code").and_then(|c| c.as_u64()) {
+                    Some(NO_MESSAGE) | Some(NO_STREAM) => Ok(None),
+                    _ => Err(fail(err.to_string())),
+                };
+            }
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let m = &body["message"];
+            let headers = m["hdrs"]
+                .as_str()
+                .and_then(|h| b64.decode(h).ok())
+                .map(|h| String::from_utf8_lossy(&h).into_owned())
+                .unwrap_or_default();
+            // A deleted or purged key: no desired state.
+            if headers.contains("KV-Operation: DEL") || headers.contains("KV-Operation: PURGE") {
+                return Ok(None);
+            }
+            let data = m["data"]
+                .as_str()
+                .map(|d| b64.decode(d))
+                .transpose()
+                .map_err(|e| fail(e.to_string()))?
+                .unwrap_or_default();
+            Ok(Some(data))
+        })
+    }
+
+    fn watch_desired(
+        &mut self,
+    ) -> BoxFuture<'_, Result<futures::stream::BoxStream<'static, Vec<u8>>, SyncError>> {
+        Box::pin(async move {
+            let client = self.connected()?;
+            let sub = client
+                .subscribe(subjects::desired_kv(&self.device))
+                .await
+                .map_err(|e| SyncError::Setup {
+                    what: "subscribing to desired-state updates".into(),
+                    reason: e.to_string(),
+                })?;
+            use futures::StreamExt;
+            Ok(sub
+                .filter_map(|m| async move {
+                    let op = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("KV-Operation").map(|v| v.to_string()));
+                    (op.is_none()).then(|| m.payload.to_vec())
+                })
+                .boxed())
+        })
+    }
+}

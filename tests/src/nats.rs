@@ -1,0 +1,254 @@
+//! Real `nats-server` processes for the sync tests, on free loopback ports, with their
+//! JetStream data in a directory of the test so that a server can be killed and started
+//! again with what it had stored. Also a small blocking client for the JetStream JSON API
+//! (stream create, info, message get) that works against the Debian 2.9 server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use serde_json::Value;
+
+use crate::free_port;
+
+/// A nats-server process; killed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    /// Client port on 127.0.0.1.
+    pub port: u16,
+    /// Leaf node port (hubs only).
+    pub leaf_port: Option<u16>,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// A hub: JetStream in domain `hub`, accepting leaf nodes.
+    pub fn hub(dir: &Path) -> Result<Self> {
+        let port = free_port();
+        let leaf = free_port();
+        let body = format!(
+            "listen: \"127.0.0.1:{port}\"\nserver_name: hub\njetstream {{ domain: hub, store_dir: \"{}\" }}\nleafnodes {{ listen: \"127.0.0.1:{leaf}\" }}\n",
+            dir.join("hub-js").display()
+        );
+        Self::start(dir, "hub", port, Some(leaf), &body)
+    }
+
+    /// A leaf node of `hub` with its own JetStream domain `domain`, as on a device.
+    pub fn leaf(dir: &Path, hub: &NatsServer, domain: &str) -> Result<Self> {
+        let port = free_port();
+        let hub_leaf = hub.leaf_port.context("the hub accepts no leaf nodes")?;
+        let body = format!(
+            "listen: \"127.0.0.1:{port}\"\nserver_name: {domain}\njetstream {{ domain: {domain}, store_dir: \"{}\" }}\nleafnodes {{ reconnect: 1, remotes: [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf}\" }} ] }}\n",
+            dir.join(format!("{domain}-js")).display()
+        );
+        Self::start(dir, domain, port, None, &body)
+    }
+
+    /// A standalone server with JetStream (the hub of a direct deployment).
+    pub fn standalone(dir: &Path, name: &str) -> Result<Self> {
+        let port = free_port();
+        let body = format!(
+            "listen: \"127.0.0.1:{port}\"\nserver_name: {name}\njetstream {{ store_dir: \"{}\" }}\n",
+            dir.join(format!("{name}-js")).display()
+        );
+        Self::start(dir, name, port, None, &body)
+    }
+
+    fn start(
+        dir: &Path,
+        name: &str,
+        port: u16,
+        leaf_port: Option<u16>,
+        body: &str,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(&config, body)?;
+        let mut s = Self {
+            port,
+            leaf_port,
+            config,
+            log: dir.join(format!("{name}.log")),
+            child: None,
+        };
+        s.restart()?;
+        Ok(s)
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) with its config and stored data, and waits until it
+    /// accepts connections.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("nats-server on port {} is already running", self.port);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn nats-server (Debian package nats-server)")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "nats-server did not listen on {}; log:\n{}",
+                    self.port,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: the server is gone as if its machine lost power.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The server's log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A blocking client for JetStream's JSON API.
+#[derive(Debug)]
+pub struct JsApi {
+    rt: tokio::runtime::Runtime,
+    client: async_nats::Client,
+    prefix: String,
+}
+
+/// One stored message.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub seq: u64,
+    pub subject: String,
+    pub headers: String,
+    pub data: Vec<u8>,
+}
+
+impl StoredMessage {
+    /// The value of header `name` (NATS/1.0 header block), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+impl JsApi {
+    /// Connects to `url`; `domain` selects another server's JetStream (`$JS.<domain>.API`).
+    pub fn connect(url: &str, domain: Option<&str>) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = rt
+            .block_on(async_nats::connect(url))
+            .with_context(|| format!("connect to {url}"))?;
+        Ok(Self {
+            rt,
+            client,
+            prefix: domain.map_or_else(|| "$JS.API".to_string(), |d| format!("$JS.{d}.API")),
+        })
+    }
+
+    /// One API request; an `error` in the answer is an error.
+    pub fn request(&self, api: &str, body: &Value) -> Result<Value> {
+        let subject = format!("{}.{api}", self.prefix);
+        let reply = self
+            .rt
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    self.client
+                        .request(subject.clone(), body.to_string().into()),
+                )
+                .await
+            })
+            .with_context(|| format!("{subject}: no answer in 5 s"))?
+            .with_context(|| format!("request {subject}"))?;
+        let v: Value = serde_json::from_slice(&reply.payload)?;
+        if let Some(e) = v.get("error") {
+            bail!("{subject}: {e}");
+        }
+        Ok(v)
+    }
+
+    /// Creates a stream from its JSON config.
+    pub fn create_stream(&self, config: &Value) -> Result<()> {
+        let name = config["name"]
+            .as_str()
+            .context("stream config without a name")?;
+        self.request(&format!("STREAM.CREATE.{name}"), config)?;
+        Ok(())
+    }
+
+    /// Messages in stream `name`.
+    pub fn stream_messages(&self, name: &str) -> Result<u64> {
+        let info = self.request(&format!("STREAM.INFO.{name}"), &Value::Null)?;
+        info["state"]["messages"]
+            .as_u64()
+            .context("stream info without state.messages")
+    }
+
+    /// Every message of stream `name`, by sequence.
+    pub fn all_messages(&self, name: &str) -> Result<Vec<StoredMessage>> {
+        let info = self.request(&format!("STREAM.INFO.{name}"), &Value::Null)?;
+        let first = info["state"]["first_seq"].as_u64().unwrap_or(1);
+        let last = info["state"]["last_seq"].as_u64().unwrap_or(0);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut out = Vec::new();
+        for seq in first..=last {
+            let v = match self.request(
+                &format!("STREAM.MSG.GET.{name}"),
+                &serde_json::json!({ "seq": seq }),
+            ) {
+                Ok(v) => v,
+                // A sequence deleted by the stream's limits.
+                Err(e) if e.to_string().contains("no message found") => continue,
+                Err(e) => return Err(e),
+            };
+            let m = &v["message"];
+            let decode = |field: &str| -> Result<Vec<u8>> {
+                Ok(match m[field].as_str() {
+                    Some(s) => b64.decode(s)?,
+                    None => Vec::new(),
+                })
+            };
+            out.push(StoredMessage {
+                seq,
+                subject: m["subject"].as_str().unwrap_or_default().to_string(),
+                headers: String::from_utf8_lossy(&decode("hdrs")?).into_owned(),
+                data: decode("data")?,
+            });
+        }
+        Ok(out)
+    }
+}

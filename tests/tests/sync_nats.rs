@@ -1,0 +1,240 @@
+//! Sync over NATS against real nats-server processes started on free ports: telemetry
+//! published by a component while the fleet is away reaches it once the link is back, in
+//! full and without duplicated outbox records, across an agent killed with SIGKILL.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use perch_tests::nats::{JsApi, NatsServer, StoredMessage};
+use perch_tests::{Launch, Perchd, artifact, examples, repo_root};
+use serde_json::{Value, json};
+
+type TestResult = anyhow::Result<()>;
+
+const DEVICE: &str = "gw-1";
+
+fn burst(total: u64) -> anyhow::Result<Vec<u8>> {
+    artifact(
+        examples::BURST,
+        &repo_root().join("fixtures/burst/Cargo.toml"),
+        None,
+        |m| {
+            m.config.insert("total".into(), total.to_string());
+        },
+    )
+}
+
+fn outbox(agent: &Perchd) -> anyhow::Result<Value> {
+    Ok(agent.get("/v1/status")?["outbox"].clone())
+}
+
+fn sync_config(url: &str, domain: Option<&str>) -> String {
+    let domain = domain.map_or(String::new(), |d| format!("domain = \"{d}\"\n"));
+    format!("[sync]\ndevice = \"{DEVICE}\"\nurl = \"{url}\"\n{domain}heartbeat = \"1s\"\n")
+}
+
+/// Checks that `messages` carry every number 1..=`total` of the burst component, that no
+/// outbox record (message id) is there twice, and that a number repeats at most
+/// `max_repeats` times (the component's own window between an acknowledged publish and
+/// its kv write, once per crash).
+fn check_burst(messages: &[StoredMessage], total: u64, max_repeats: usize) {
+    let mut ids = BTreeSet::new();
+    let mut numbers: BTreeMap<u64, usize> = BTreeMap::new();
+    for m in messages {
+        assert_eq!(m.subject, format!("perch.v1.{DEVICE}.telemetry.burst"));
+        let id = m.header("Nats-Msg-Id").unwrap_or_default().to_string();
+        assert!(id.starts_with(&format!("{DEVICE}:")), "message id `{id}`");
+        assert!(ids.insert(id.clone()), "outbox record {id} stored twice");
+        let n: u64 = String::from_utf8_lossy(&m.data)
+            .parse()
+            .unwrap_or_else(|_| panic!("payload {:?} is not a number", m.data));
+        *numbers.entry(n).or_default() += 1;
+    }
+    let missing: Vec<u64> = (1..=total).filter(|n| !numbers.contains_key(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} numbers never arrived, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let repeated: Vec<(u64, usize)> = numbers
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, c)| (*n, *c))
+        .collect();
+    assert!(
+        repeated.len() <= max_repeats && repeated.iter().all(|(_, c)| *c == 2),
+        "repeated numbers: {repeated:?}"
+    );
+    assert_eq!(messages.len() as u64, total + repeated.len() as u64);
+}
+
+fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> TestResult {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = Some(e),
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("timed out waiting for {what} (last error: {last:?})");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn hub_stream(api: &JsApi, sources: Option<&str>) -> TestResult {
+    let mut config = json!({
+        "name": "PERCH_TELEMETRY",
+        "storage": "file",
+        "retention": "limits",
+        "discard": "old",
+        "num_replicas": 1,
+        "duplicate_window": 600_000_000_000u64,
+    });
+    match sources {
+        // Sourcing the device's stream on its leaf node, across the leaf connection.
+        Some(domain) => {
+            config["sources"] = json!([{
+                "name": "PERCH_OUT",
+                "external": { "api": format!("$JS.{domain}.API"), "deliver": "" }
+            }]);
+        }
+        None => config["subjects"] = json!(["perch.v1.*.telemetry.>"]),
+    }
+    api.create_stream(&config)
+}
+
+/// The recommended deployment: a leaf node on the device with its own JetStream domain.
+/// The hub is down while the component publishes 10,000 records; the agent is killed with
+/// SIGKILL half-way and started again; then the hub comes back and its stream, sourcing
+/// the device's, holds every record once.
+#[test]
+fn leaf_node_backlog_reaches_the_hub_after_an_outage_and_a_kill9() -> TestResult {
+    const TOTAL: u64 = 10_000;
+    let dir = tempfile::tempdir()?;
+    let nats_dir = dir.path().join("nats");
+    let mut hub = NatsServer::hub(&nats_dir)?;
+    let leaf = NatsServer::leaf(&nats_dir, &hub, "gw1")?;
+    hub_stream(&JsApi::connect(&hub.url(), None)?, Some("gw1"))?;
+    hub.kill();
+
+    let agent_dir = dir.path().join("agent");
+    let launch = Launch {
+        extra_config: sync_config(&leaf.url(), Some("gw1")),
+        ..Launch::default()
+    };
+    let mut agent = Perchd::start(&agent_dir, launch.clone())?;
+    let r = agent.deploy_artifact(&burst(TOTAL)?)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    agent.wait_for(Duration::from_secs(60), "4,000 records", |a| {
+        Ok((outbox(a)?["last-seq"].as_u64() >= Some(4_000)).then_some(()))
+    })?;
+    agent.kill9();
+
+    let agent = Perchd::start(&agent_dir, launch)?;
+    let status = agent.wait_for(Duration::from_secs(120), "every record in the leaf", |a| {
+        let s = a.get("/v1/status")?;
+        let done = s["outbox"]["last-seq"].as_u64() >= Some(TOTAL)
+            && s["outbox"]["backlog"].as_u64() == Some(0);
+        Ok(done.then_some(s))
+    })?;
+    assert_eq!(status["sync"]["link"], "connected", "{status}");
+    assert_eq!(status["outbox"]["dropped"], 0, "{status}");
+
+    // The hub returns: its stream catches up from the leaf.
+    hub.restart()?;
+    let api = JsApi::connect(&hub.url(), None)?;
+    let leaf_count = JsApi::connect(&leaf.url(), Some("gw1"))?.stream_messages("PERCH_OUT")?;
+    assert!(leaf_count >= TOTAL, "the leaf holds {leaf_count}");
+    wait_until(Duration::from_secs(90), "the hub to catch up", || {
+        Ok(api.stream_messages("PERCH_TELEMETRY")? >= leaf_count)
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let messages = api.all_messages("PERCH_TELEMETRY")?;
+    check_burst(&messages, TOTAL, 1);
+    Ok(())
+}
+
+/// Direct to the hub: the server is killed while the component publishes and started again
+/// with its data; the agent reconnects, resends what was not acknowledged, and JetStream
+/// keeps one copy of each record.
+#[test]
+fn direct_link_resends_after_a_broker_restart_without_duplicates() -> TestResult {
+    const TOTAL: u64 = 3_000;
+    let dir = tempfile::tempdir()?;
+    let mut hub = NatsServer::standalone(&dir.path().join("nats"), "hub")?;
+    hub_stream(&JsApi::connect(&hub.url(), None)?, None)?;
+
+    let agent = Perchd::start(
+        &dir.path().join("agent"),
+        Launch {
+            extra_config: sync_config(&hub.url(), None),
+            ..Launch::default()
+        },
+    )?;
+    let r = agent.deploy_artifact(&burst(TOTAL)?)?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    agent.wait_for(Duration::from_secs(60), "1,000 records sent", |a| {
+        let s = a.get("/v1/status")?;
+        Ok((s["sync"]["sent"].as_u64() >= Some(1_000)).then_some(()))
+    })?;
+    hub.kill();
+    let down = agent.wait_for(Duration::from_secs(30), "the link to drop", |a| {
+        let s = a.get("/v1/status")?;
+        Ok((s["sync"]["link"] != "connected").then_some(s))
+    })?;
+    assert!(down["sync"]["last-error"].is_string(), "{down}");
+    // Records keep being accepted while the broker is away.
+    let before = outbox(&agent)?["last-seq"].as_u64().unwrap_or(0);
+    agent.wait_for(Duration::from_secs(30), "records appended offline", |a| {
+        Ok((outbox(a)?["last-seq"].as_u64() > Some(before + 200)).then_some(()))
+    })?;
+
+    hub.restart()?;
+    let s = agent.wait_for(Duration::from_secs(90), "the backlog to drain", |a| {
+        let s = a.get("/v1/status")?;
+        let done = s["outbox"]["last-seq"].as_u64() >= Some(TOTAL)
+            && s["outbox"]["backlog"].as_u64() == Some(0)
+            && s["sync"]["link"] == "connected";
+        Ok(done.then_some(s))
+    })?;
+    assert!(s["sync"]["connects"].as_u64() >= Some(2), "{s}");
+    let metrics = agent.request("GET", "/metrics", None)?.body;
+    let metrics = metrics.as_str().unwrap_or_default();
+    assert!(
+        metrics.contains("perch_sync_connected{transport=\"nats\"} 1"),
+        "{metrics}"
+    );
+    let messages = JsApi::connect(&hub.url(), None)?.all_messages("PERCH_TELEMETRY")?;
+    check_burst(&messages, TOTAL, 0);
+    Ok(())
+}
+
+/// Bad `[sync]` settings stop the agent at start with the key named.
+#[test]
+fn a_bad_sync_section_is_a_config_error() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut agent = Perchd::spawn(
+        dir.path(),
+        Launch {
+            extra_config: "[sync]\ndevice = \"Gateway 1\"\nurl = \"http://hub\"\n".into(),
+            ..Launch::default()
+        },
+    )?;
+    let status = agent.wait_exit(Duration::from_secs(10))?;
+    assert_eq!(status.code(), Some(64));
+    let log = agent.log();
+    assert!(
+        log.contains("sync.device: `Gateway 1` is not a device id")
+            && log.contains("sync.url: `http://hub` must start with nats:// or tls://"),
+        "{log}"
+    );
+    Ok(())
+}
