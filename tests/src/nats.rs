@@ -201,6 +201,70 @@ impl JsApi {
         Ok(v)
     }
 
+    /// A JetStream publish (a KV put when `subject` is `$KV.<bucket>.<key>`); waits for
+    /// the stream's ack.
+    pub fn put(&self, subject: &str, payload: &[u8]) -> Result<()> {
+        let reply = self
+            .rt
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    self.client
+                        .request(subject.to_string(), payload.to_vec().into()),
+                )
+                .await
+            })
+            .with_context(|| format!("{subject}: no ack in 5 s"))?
+            .with_context(|| format!("publish {subject}"))?;
+        let v: Value = serde_json::from_slice(&reply.payload)?;
+        if v.get("error").is_some() || v.get("seq").is_none() {
+            bail!("{subject}: not stored: {v}");
+        }
+        Ok(())
+    }
+
+    /// The last message on `subject` in stream `stream` (a KV key's value), if any.
+    pub fn last(&self, stream: &str, subject: &str) -> Result<Option<Vec<u8>>> {
+        match self.request(
+            &format!("STREAM.MSG.GET.{stream}"),
+            &serde_json::json!({ "last_by_subj": subject }),
+        ) {
+            Ok(v) => {
+                let data = v["message"]["data"].as_str().unwrap_or_default();
+                Ok(Some(
+                    base64::engine::general_purpose::STANDARD.decode(data)?,
+                ))
+            }
+            Err(e) if e.to_string().contains("no message found") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a KV bucket's stream (`KV_<bucket>`, subjects `$KV.<bucket>.>`, one value
+    /// per key), as `nats kv add` would; with `source_domain`, it also sources the bucket of
+    /// the same name from that leaf node's JetStream domain.
+    pub fn create_kv(&self, bucket: &str, source_domain: Option<&str>) -> Result<()> {
+        let mut config = serde_json::json!({
+            "name": format!("KV_{bucket}"),
+            "subjects": [format!("$KV.{bucket}.>")],
+            "storage": "file",
+            "num_replicas": 1,
+            "max_msgs_per_subject": 1,
+            // Not `new` (what `nats kv add` sets): on a 2.9 server a bucket that discards
+            // new messages keeps only the first value sourced for a key.
+            "discard": "old",
+            "allow_rollup_hdrs": true,
+            "deny_delete": true,
+        });
+        if let Some(domain) = source_domain {
+            config["sources"] = serde_json::json!([{
+                "name": format!("KV_{bucket}"),
+                "external": { "api": format!("$JS.{domain}.API"), "deliver": "" }
+            }]);
+        }
+        self.create_stream(&config)
+    }
+
     /// Creates a stream from its JSON config.
     pub fn create_stream(&self, config: &Value) -> Result<()> {
         let name = config["name"]

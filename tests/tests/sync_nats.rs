@@ -238,3 +238,163 @@ fn a_bad_sync_section_is_a_config_error() -> TestResult {
     );
     Ok(())
 }
+
+fn upload(agent: &Perchd, bytes: &[u8]) -> anyhow::Result<String> {
+    let r = agent.request("PUT", "/v1/blobs", Some(bytes.to_vec()))?;
+    assert_eq!(r.status, 201, "{}", r.body);
+    Ok(r.body["digest"].as_str().unwrap_or_default().to_string())
+}
+
+fn reported(hub: &JsApi) -> anyhow::Result<Option<Value>> {
+    Ok(
+        match hub.last("KV_perch-reported", &format!("$KV.perch-reported.{DEVICE}"))? {
+            Some(bytes) => Some(serde_json::from_slice(&bytes)?),
+            None => None,
+        },
+    )
+}
+
+/// Desired state lives in the hub's `perch-desired` KV; the device's leaf node mirrors its
+/// key. A change made while the device is offline is applied within seconds of it coming
+/// back; a document naming a missing artifact or widening a grant is rejected, reported
+/// with its revision, and the running set is kept.
+#[test]
+fn desired_state_from_the_hub_is_applied_after_reconnect_and_bad_ones_are_rejected() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let nats_dir = dir.path().join("nats");
+    let hub = NatsServer::hub(&nats_dir)?;
+    let mut leaf = NatsServer::leaf(&nats_dir, &hub, "gw1")?;
+    let api = JsApi::connect(&hub.url(), None)?;
+    api.create_kv("perch-desired", None)?;
+    // The device's reported state arrives from its leaf node's bucket.
+    api.create_kv("perch-reported", Some("gw1"))?;
+    let key = format!("$KV.perch-desired.{DEVICE}");
+
+    let agent = Perchd::start(
+        &dir.path().join("agent"),
+        Launch {
+            extra_config: sync_config(&leaf.url(), Some("gw1")),
+            ..Launch::default()
+        },
+    )?;
+    // Artifacts are in the device's cache (fetching them by digest from the fleet's object
+    // store is a later step of the protocol).
+    let timer = upload(&agent, &examples::bytes(examples::TIMER))?;
+    let noop = upload(&agent, &examples::bytes(examples::NOOP))?;
+    let thermostat = upload(
+        &agent,
+        &artifact(
+            examples::THERMOSTAT,
+            &repo_root().join("examples/thermostat/Cargo.toml"),
+            None,
+            |_| {},
+        )?,
+    )?;
+
+    let doc = |revision: u64, components: Value| {
+        serde_json::to_vec(&json!({ "revision": revision, "components": components }))
+    };
+    api.put(
+        &key,
+        &doc(
+            5,
+            json!([{ "name": "timer", "digest": timer, "triggers": [{ "every": "100ms" }] }]),
+        )?,
+    )?;
+    agent.wait_for(Duration::from_secs(20), "revision 5", |a| {
+        let s = a.get("/v1/status")?;
+        Ok((s["revision"] == 5).then_some(()))
+    })?;
+    agent.wait_for(Duration::from_secs(20), "timer ticks", |a| {
+        Ok((a.component("timer")?["invocations"].as_u64() >= Some(2)).then_some(()))
+    })?;
+
+    // The device goes offline (its leaf node stops); the fleet changes its desired state.
+    leaf.kill();
+    agent.wait_for(Duration::from_secs(30), "the link to drop", |a| {
+        Ok((a.get("/v1/status")?["sync"]["link"] != "connected").then_some(()))
+    })?;
+    api.put(
+        &key,
+        &doc(
+            6,
+            json!([
+                { "name": "timer", "digest": timer, "triggers": [{ "every": "100ms" }] },
+                { "name": "idle", "digest": noop, "triggers": [{ "every": "1h" }] },
+            ]),
+        )?,
+    )?;
+    leaf.restart()?;
+    let back = std::time::Instant::now();
+    agent.wait_for(Duration::from_secs(30), "revision 6 after reconnect", |a| {
+        let s = a.get("/v1/status")?;
+        Ok((s["revision"] == 6 && s["sync"]["desired"]["result"] == "applied").then_some(()))
+    })?;
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "applied {took:?} after reconnect"
+    );
+    assert_eq!(agent.component("idle")?["state"], "running");
+    agent.wait_for(
+        Duration::from_secs(20),
+        "revision 6 reported",
+        |_| match reported(&api)? {
+            Some(r) if r["applied-revision"] == 6 => Ok(Some(())),
+            other => {
+                let on_leaf = JsApi::connect(&leaf.url(), Some("gw1"))?
+                    .last("KV_perch-reported", &format!("$KV.perch-reported.{DEVICE}"));
+                let info = api.request("STREAM.INFO.KV_perch-reported", &Value::Null)?;
+                anyhow::bail!("the hub has {other:?}; the leaf has {on_leaf:?}; hub info {info}")
+            }
+        },
+    )?;
+
+    // A missing artifact: rejected with the revision and the component named; revision 6
+    // keeps running.
+    let ghost = format!("sha256:{}", "1".repeat(64));
+    api.put(
+        &key,
+        &doc(
+            7,
+            json!([{ "name": "ghost", "digest": ghost, "triggers": [{ "every": "1s" }] }]),
+        )?,
+    )?;
+    let s = agent.wait_for(Duration::from_secs(20), "revision 7 rejected", |a| {
+        let s = a.get("/v1/status")?;
+        Ok((s["sync"]["desired"]["revision"] == 7).then_some(s))
+    })?;
+    assert_eq!(s["sync"]["desired"]["result"], "rejected", "{s}");
+    assert!(
+        s["sync"]["desired"]
+            .to_string()
+            .contains("component `ghost`"),
+        "{s}"
+    );
+    assert_eq!(s["revision"], 6, "{s}");
+    agent.wait_for(Duration::from_secs(20), "the rejection reported", |_| {
+        Ok(reported(&api)?
+            .is_some_and(|r| r["desired"]["revision"] == 7 && r["desired"]["result"] == "rejected")
+            .then_some(()))
+    })?;
+
+    // A grant the component's manifest does not give: rejected, nothing changes.
+    api.put(
+        &key,
+        &doc(
+            8,
+            json!([{ "name": "thermostat", "digest": thermostat, "triggers": [{ "every": "1s" }],
+                     "grants": { "sensors": ["room-temp", "door"] } }]),
+        )?,
+    )?;
+    let s = agent.wait_for(Duration::from_secs(20), "revision 8 rejected", |a| {
+        let s = a.get("/v1/status")?;
+        Ok((s["sync"]["desired"]["revision"] == 8).then_some(s))
+    })?;
+    assert_eq!(s["sync"]["desired"]["result"], "rejected", "{s}");
+    assert!(s["sync"]["desired"].to_string().contains("door"), "{s}");
+    assert_eq!(s["revision"], 6, "{s}");
+    let timer_status = agent.component("timer")?;
+    assert_eq!(timer_status["state"], "running", "{timer_status}");
+    Ok(())
+}

@@ -37,7 +37,11 @@ pub fn load_config(path: &Path) -> Result<AgentConfig, LoadConfigError> {
 /// `PERCH_LOG_FORMAT` (`plain` or `json`).
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PERCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The NATS client logs every reconnect attempt at info; the sync layer reports the
+    // link's state itself.
+    let text = std::env::var("PERCH_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(format!("async_nats=warn,{text}"))
+        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
     let json = std::env::var("PERCH_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

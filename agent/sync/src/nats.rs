@@ -241,6 +241,17 @@ impl Nats {
             "duplicate_window": DUPLICATE_WINDOW.as_nanos() as u64,
         });
         self.create_stream(config).await?;
+        // JetStream does not capture publishes across domains, so the reported state goes
+        // into the leaf's own `KV_perch-reported` too (this device's key only), and the
+        // hub's bucket sources it like the telemetry.
+        self.create_stream(serde_json::json!({
+            "name": format!("KV_{}", subjects::REPORTED_BUCKET),
+            "subjects": [subjects::reported_kv(&self.device)],
+            "storage": "file",
+            "num_replicas": 1,
+            "max_msgs_per_subject": 1,
+        }))
+        .await?;
         tracing::info!(stream = subjects::LEAF_STREAM, domain = ?self.domain, "leaf stream ready");
         self.stream_ready = true;
         Ok(())
@@ -362,8 +373,8 @@ impl Transport for Nats {
     fn put_reported(&mut self, body: Vec<u8>) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
             let client = self.connected()?;
-            // A KV put is a publish to `$KV.<bucket>.<key>`, acknowledged by the hub's
-            // KV stream (across the leaf connection in leaf mode).
+            // A KV put is a publish to `$KV.<bucket>.<key>`, acknowledged by the hub's KV
+            // stream (direct) or the leaf's own, which the hub's sources (leaf).
             let hub = jetstream::new(client.clone());
             let fail = |reason: String| SyncError::Publish {
                 what: format!("reported state to KV `{}`", subjects::REPORTED_BUCKET),
