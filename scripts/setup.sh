@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Perch needs on a Debian machine, skipping what is there:
-# the wasm32-wasip2 Rust target and a few Debian packages (curl, iproute2, util-linux).
+# the wasm32-wasip2 Rust target and a few Debian packages (curl, iproute2, util-linux, and
+# the nats-server and mosquitto brokers the sync tests start on free ports).
 set -euo pipefail
 
 need_pkgs=()
@@ -8,6 +9,8 @@ command -v curl >/dev/null || need_pkgs+=(curl)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v unshare >/dev/null && command -v nsenter >/dev/null || need_pkgs+=(util-linux)
 command -v cc >/dev/null || need_pkgs+=(gcc)
+command -v nats-server >/dev/null || need_pkgs+=(nats-server)
+command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || need_pkgs+=(mosquitto)
 if ((${#need_pkgs[@]})); then
     sudo=""
     [[ $(id -u) -eq 0 ]] || sudo="sudo"

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 pub mod nats;
+pub mod proxy;
 
 /// The example components (`examples/`, written on perch-sdk) and test fixtures
 /// (`fixtures/`), built by plain cargo for wasm32-wasip2 by this crate's build script: no
