@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Perch needs on a Debian machine, skipping what is there:
 # the wasm32-wasip2 Rust target and a few Debian packages (curl, iproute2, util-linux, and
-# the nats-server and mosquitto brokers the sync tests start on free ports).
+# the nats-server and mosquitto brokers the sync tests start on free ports, and openssl,
+# which makes the certificates of the TLS test).
 set -euo pipefail
 
 need_pkgs=()
@@ -10,6 +11,7 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v unshare >/dev/null && command -v nsenter >/dev/null || need_pkgs+=(util-linux)
 command -v cc >/dev/null || need_pkgs+=(gcc)
 command -v nats-server >/dev/null || need_pkgs+=(nats-server)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || need_pkgs+=(mosquitto)
 if ((${#need_pkgs[@]})); then
     sudo=""

@@ -173,7 +173,7 @@ impl Default for OutboxConfig {
 pub enum SyncTransport {
     /// NATS: JetStream for telemetry, KV for desired and reported state.
     Nats,
-    /// MQTT 3.1.1: QoS 1, persistent session, retained state.
+    /// MQTT 5: QoS 1, persistent session, retained state.
     Mqtt,
 }
 

@@ -3,16 +3,18 @@
 //! One loop per agent drains the durable outbox (`perch-store`) to the broker in sequence
 //! order, deletes records only once the broker acknowledged them, heartbeats, and puts the
 //! reported state. The broker protocol sits behind [`Transport`]: NATS JetStream
-//! ([`nats::Nats`]) today, MQTT behind the same trait. Subjects are in [`subjects`] and
+//! ([`nats::Nats`]) or MQTT 5 ([`mqtt::Mqtt`]). Subjects are in [`subjects`] and
 //! documented in `docs/protocol.md`.
 //!
 //! Delivery is at-least-once: a record is deleted from the outbox only after its ack, and
-//! every record carries the message id `<device>:<seq>` so that JetStream drops a resend of
-//! a record it already holds (a lost ack, an agent killed between ack and delete).
+//! every record carries the message id `<device>:<seq>` (a NATS header, an MQTT user
+//! property) so that JetStream drops a resend of a record it already holds (a lost ack, an
+//! agent killed between ack and delete) and MQTT receivers can.
 //!
 //! The loop never gives up: a failed connect or publish backs off (100 ms doubling to 5 s)
 //! and starts again from what the outbox still holds.
 
+pub mod mqtt;
 pub mod nats;
 pub mod subjects;
 
@@ -34,6 +36,8 @@ use tokio::sync::watch;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest delay between attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Outbox records read per publish call, in windows.
+const READ_WINDOWS: usize = 4;
 
 /// Why the link failed. Messages name the broker and what was being done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -207,11 +211,7 @@ impl Link {
     ) -> Result<Self, SyncError> {
         let transport: Box<dyn Transport> = match config.transport {
             SyncTransport::Nats => Box::new(nats::Nats::new(config)?),
-            SyncTransport::Mqtt => {
-                return Err(SyncError::Config(
-                    "sync.transport: `mqtt` is not available in this build yet; use `nats`".into(),
-                ));
-            }
+            SyncTransport::Mqtt => Box::new(mqtt::Mqtt::new(config)?),
         };
         Ok(Self::with_transport(
             config, store, reporter, applier, transport,
@@ -329,7 +329,9 @@ async fn run(
             }
             // Drain everything there is, one window at a time.
             loop {
-                let records = match store.outbox_read(0, config.window) {
+                // Several windows per read: the transport keeps `window` records in flight
+                // and the pipeline only drains at the end of a read.
+                let records = match store.outbox_read(0, config.window * READ_WINDOWS) {
                     Ok(r) => r,
                     Err(e) => break 'session SyncError::Store(e.to_string()),
                 };
@@ -420,7 +422,10 @@ async fn handle_desired(state: &SyncState, applier: &Applier, doc: Vec<u8>) -> b
     state.lock().desired_seen = Some(doc.clone());
     let outcome = match serde_json::from_slice::<DesiredInput>(&doc) {
         Err(e) => DesiredOutcome {
-            revision: None,
+            // The revision of a document that does not parse as a whole, if it has one.
+            revision: serde_json::from_slice::<serde_json::Value>(&doc)
+                .ok()
+                .and_then(|v| v.get("revision")?.as_u64()),
             result: "rejected".into(),
             error: Some(format!(
                 "the desired state from the fleet is not valid: {e}"

@@ -316,9 +316,27 @@ impl Transport for Nats {
                 what: format!("outbox record {seq}"),
                 reason,
             };
-            let mut pending = Vec::with_capacity(records.len());
+            // A sliding window: at most `window` records unacknowledged. The client holds
+            // one permit per unawaited ack, so acks are awaited as the window fills (holding
+            // more futures than permits would block the next publish for good).
+            let mut pending: std::collections::VecDeque<(
+                u64,
+                jetstream::context::PublishAckFuture,
+            )> = std::collections::VecDeque::with_capacity(self.window);
+            let mut acked = None;
             let mut error = None;
             for (seq, r) in records {
+                if pending.len() >= self.window
+                    && let Some((s, ack)) = pending.pop_front()
+                {
+                    match ack.await {
+                        Ok(_) => acked = Some(s),
+                        Err(e) => {
+                            error = Some(fail(s, e.to_string()));
+                            break;
+                        }
+                    }
+                }
                 let message = PublishMessage::build()
                     .payload(Bytes::copy_from_slice(&r.payload))
                     .message_id(subjects::message_id(&self.device, *seq))
@@ -328,7 +346,7 @@ impl Transport for Nats {
                     .send_publish(subjects::telemetry(&self.device, &r.stream), message)
                     .await
                 {
-                    Ok(ack) => pending.push((*seq, ack)),
+                    Ok(ack) => pending.push_back((*seq, ack)),
                     Err(e) => {
                         error = Some(fail(*seq, e.to_string()));
                         break;
@@ -336,17 +354,14 @@ impl Transport for Nats {
                 }
             }
             // Acks arrive in order; the acknowledged prefix ends at the first failure.
-            let mut acked = None;
-            let mut prefix = true;
-            for (seq, ack) in pending {
-                match ack.await {
-                    Ok(_) if prefix => acked = Some(seq),
-                    Ok(_) => {}
-                    Err(e) => {
-                        if prefix {
+            if error.is_none() {
+                for (seq, ack) in pending {
+                    match ack.await {
+                        Ok(_) => acked = Some(seq),
+                        Err(e) => {
                             error = Some(fail(seq, e.to_string()));
+                            break;
                         }
-                        prefix = false;
                     }
                 }
             }

@@ -34,6 +34,7 @@ struct Row {
 struct Args {
     idle_secs: u64,
     launches: usize,
+    drain_records: u64,
     only: Option<String>,
 }
 
@@ -41,6 +42,7 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         idle_secs: 60,
         launches: 30,
+        drain_records: 1_000_000,
         only: None,
     };
     let mut it = std::env::args().skip(1);
@@ -48,9 +50,12 @@ fn parse_args() -> Result<Args> {
         match a.as_str() {
             "--idle-secs" => args.idle_secs = it.next().context("--idle-secs N")?.parse()?,
             "--launches" => args.launches = it.next().context("--launches N")?.parse()?,
+            "--drain-records" => {
+                args.drain_records = it.next().context("--drain-records N")?.parse()?
+            }
             "--only" => args.only = Some(it.next().context("--only NAME")?),
             other => bail!(
-                "unknown argument `{other}`; expected --idle-secs N, --launches N, --only NAME"
+                "unknown argument `{other}`; expected --idle-secs N, --launches N, --drain-records N, --only NAME"
             ),
         }
     }
@@ -748,6 +753,166 @@ fn bench_http(rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+// --- outbox backlog drained to JetStream --------------------------------------------------
+
+/// Fills an outbox with `n` 100-byte records (64 appenders sharing group commits).
+fn fill_outbox(store: &Arc<SledStore>, n: u64) -> Result<()> {
+    let threads = 64u64;
+    let per = n / threads;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    std::thread::scope(|scope| -> Result<()> {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let store = store.clone();
+                scope.spawn(move || -> Result<()> {
+                    for _ in 0..per {
+                        store.outbox_append(&perch_store::OutboxRecord {
+                            component: "bench".into(),
+                            stream: "climate".into(),
+                            timestamp_ms: now,
+                            payload: vec![b'x'; 100],
+                        })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("appender panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// A 1,000,000-record backlog drained by the sync loop after the link comes up, against
+/// the same number of messages published straight to JetStream by async-nats with the same
+/// window (no outbox). Also time to the first acknowledged record and resident growth.
+fn bench_drain(rows: &mut Vec<Row>, n: u64) -> Result<()> {
+    use perch_tests::nats::{JsApi, NatsServer};
+    let dir = tempfile::tempdir()?;
+    let server = NatsServer::standalone(&dir.path().join("nats"), "hub")?;
+    let api = JsApi::connect(&server.url(), None)?;
+    for (name, subject) in [
+        ("PERCH_TELEMETRY", "perch.v1.*.telemetry.>"),
+        ("BASELINE", "baseline.>"),
+    ] {
+        api.create_stream(&serde_json::json!({
+            "name": name, "subjects": [subject], "storage": "file", "num_replicas": 1,
+            "duplicate_window": 120_000_000_000u64,
+        }))?;
+    }
+    let opts = SledOptions {
+        outbox_max_bytes: 1 << 30,
+        ..SledOptions::default()
+    };
+    let store = Arc::new(SledStore::open(dir.path().join("store"), &opts)?);
+    progress(&format!("drain: filling the outbox with {n} records"));
+    fill_outbox(&store, n)?;
+    let n = store.outbox_stats()?.len;
+
+    let rt = bench_tokio()?;
+    let me = std::process::id().to_string();
+    let rss0 = status_kib(&me, "VmRSS:");
+    let mut config = perch_core::AgentConfig::from_toml(
+        &format!(
+            "[sync]\ndevice = \"bench\"\nurl = \"{}\"\nheartbeat = \"1h\"\n",
+            server.url()
+        ),
+        "bench",
+    )?
+    .sync
+    .context("sync section")?;
+    config.window = perch_core::config::DEFAULT_SYNC_WINDOW;
+    progress("drain: perch");
+    let (first, total, rss_peak) = rt.block_on(async {
+        let start = Instant::now();
+        let reporter: perch_sync::Reporter = Arc::new(|| serde_json::Value::Null);
+        let applier: perch_sync::Applier = Arc::new(|_| Box::pin(async { Ok(()) }));
+        let link =
+            perch_sync::Link::start(&config, store.clone() as Arc<dyn Store>, reporter, applier)?;
+        let mut first = None;
+        let mut peak = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let st = link.state().status();
+            if first.is_none() && st.sent > 0 {
+                first = Some(start.elapsed());
+            }
+            peak = peak.max(status_kib(&me, "VmRSS:"));
+            if st.sent >= n {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(600) {
+                bail!("the backlog did not drain in 10 minutes ({} sent)", st.sent);
+            }
+            if start.elapsed() > Duration::from_secs(30) && st.sent == 0 {
+                bail!("nothing was acknowledged in 30 s: {:?}", st.last_error);
+            }
+        }
+        Ok::<_, anyhow::Error>((first.unwrap_or_default(), start.elapsed(), peak))
+    })?;
+    progress("drain: baseline (async-nats straight to JetStream)");
+    let base = rt.block_on(async {
+        let client = async_nats::connect(server.url()).await?;
+        let js = async_nats::jetstream::context::ContextBuilder::new()
+            .max_ack_inflight(perch_core::config::DEFAULT_SYNC_WINDOW)
+            .backpressure_on_inflight(true)
+            .build(client);
+        let payload = bytes::Bytes::from(vec![b'x'; 100]);
+        let start = Instant::now();
+        let mut acks = std::collections::VecDeque::new();
+        for i in 0..n {
+            if acks.len() >= perch_core::config::DEFAULT_SYNC_WINDOW
+                && let Some(a) = acks.pop_front()
+            {
+                a.await?;
+            }
+            let ack = js
+                .send_publish(
+                    "baseline.climate",
+                    async_nats::jetstream::message::PublishMessage::build()
+                        .payload(payload.clone())
+                        .message_id(format!("bench:{i}")),
+                )
+                .await?;
+            acks.push_back(ack);
+        }
+        for a in acks.drain(..) {
+            a.await?;
+        }
+        Ok::<_, anyhow::Error>(start.elapsed())
+    })?;
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    rows.push(Row {
+        name: format!("drain a {n}-record outbox backlog over JetStream (direct, window 1024)"),
+        perch: format!("{:.0} msg/s", rate(total)),
+        baseline: format!(
+            "{:.0} msg/s (async-nats publish, same window, no outbox)",
+            rate(base)
+        ),
+        ratio: format!("{:.2}x", base.as_secs_f64() / total.as_secs_f64()),
+        goal: ">= 100,000 msg/s".into(),
+    });
+    rows.push(Row {
+        name: "first record acknowledged after the link is up".into(),
+        perch: ms(first),
+        baseline: "-".into(),
+        ratio: "-".into(),
+        goal: "<= 1 s".into(),
+    });
+    rows.push(Row {
+        name: "resident growth while draining".into(),
+        perch: mib(rss_peak.saturating_sub(rss0)),
+        baseline: "-".into(),
+        ratio: "-".into(),
+        goal: "<= 16 MB".into(),
+    });
+    Ok(())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -791,6 +956,9 @@ fn main() -> Result<()> {
     }
     if want("boundary") {
         bench_boundary(&mut rows)?;
+    }
+    if want("drain") {
+        bench_drain(&mut rows, args.drain_records)?;
     }
     println!("Machine: {}\n", machine());
     println!("| benchmark | perch | baseline (same run) | ratio | goal |");

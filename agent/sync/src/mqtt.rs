@@ -1,0 +1,1082 @@
+//! MQTT v5: telemetry as QoS 1 publishes carrying the outbox message id in a user property,
+//! presence and reported state as retained messages, desired state from a retained topic.
+//!
+//! Topics are the NATS subject tree with `/` (`perch/v1/<device>/…`, see
+//! `docs/protocol.md`). One connection is one *session* here: a task owns rumqttc's
+//! `EventLoop` and polls it without pause, and the transport talks to it through the
+//! client's request channel and a [`Tracker`] that pairs every QoS 1 publish with its
+//! PUBACK. When the connection fails the session is dropped whole (rumqttc's in-flight
+//! state with it) and the next [`Transport::connect`] opens a fresh one; what was not
+//! acknowledged is still in the outbox and is sent again from there. rumqttc's own
+//! retransmission is never relied on: it keeps in-flight messages only in memory.
+//!
+//! Why v5 and not 3.1.1: a v5 PUBACK carries a reason code, so a publish the broker refuses
+//! (ACL denial, payload too large, quota) stays in the outbox instead of being deleted
+//! after a positive ack that a 3.1.1 broker must send or disconnect; user properties carry
+//! the message id, component and time like the NATS headers, with topics and payloads
+//! unchanged; the session expiry interval bounds how long the broker keeps the device's
+//! session; the broker's receive maximum sets rumqttc's in-flight limit.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use perch_core::config::SyncConfig;
+use perch_store::OutboxRecord;
+use rumqttc::tokio_rustls::rustls;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{
+    LastWill, Packet, PubAck, PubAckReason, PublishProperties, SubAck, SubscribeReasonCode,
+};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration};
+use tokio::sync::{oneshot, watch};
+
+use crate::{SyncError, Transport, subjects};
+
+/// How long connecting (TCP, TLS and CONNACK) may take.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a PUBACK or SUBACK may take once its packet is handed to the client; a broker
+/// silent for longer ends the session.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// MQTT keep-alive: rumqttc pings this often, and the broker publishes the last will when
+/// it hears nothing for 1.5 times as long.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How long the broker keeps the device's session (its subscription and the QoS 1
+/// messages queued for it) after the connection drops.
+pub const SESSION_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+/// How long [`Transport::fetch_desired`] waits after subscribing for the retained
+/// desired-state document (or the fleet's answer to `desired/get`).
+pub const DESIRED_WAIT: Duration = Duration::from_millis(1500);
+/// Largest packet the device accepts (a desired-state document); the broker learns it in
+/// CONNECT.
+pub const MAX_INCOMING_PACKET: u32 = 4 << 20;
+/// Requests queued towards rumqttc's event loop; it takes them as its in-flight window
+/// (the broker's receive maximum, at most `window`) allows.
+const REQUEST_CAPACITY: usize = 64;
+/// Default ports.
+const MQTT_PORT: u16 = 1883;
+const MQTTS_PORT: u16 = 8883;
+/// Where a system's CA bundle usually is, for `mqtts://` without `ca-file`.
+const CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// User property carrying the outbox message id `<device>:<seq>` receivers dedup on.
+pub const MSG_ID_PROPERTY: &str = "perch-msg-id";
+/// User property naming the component that published a record.
+pub const COMPONENT_PROPERTY: &str = "perch-component";
+/// User property with the record's publish time, Unix milliseconds.
+pub const TIME_PROPERTY: &str = "perch-time";
+/// Presence payloads on `perch/v1/<device>/online` (retained).
+pub const ONLINE: &[u8] = b"1";
+pub const OFFLINE: &[u8] = b"0";
+
+/// `perch/v1/<device>/telemetry/<stream>`
+pub fn telemetry_topic(device: &str, stream: &str) -> String {
+    subjects::mqtt_topic(&subjects::telemetry(device, stream))
+}
+
+/// `perch/v1/<device>/hb`
+pub fn heartbeat_topic(device: &str) -> String {
+    subjects::mqtt_topic(&subjects::heartbeat(device))
+}
+
+/// `perch/v1/<device>/online`: `1` (retained) while connected, `0` as the last will.
+pub fn online_topic(device: &str) -> String {
+    format!("{}/online", device_root(device))
+}
+
+/// `perch/v1/<device>/reported` (retained).
+pub fn reported_topic(device: &str) -> String {
+    format!("{}/reported", device_root(device))
+}
+
+/// `perch/v1/<device>/desired` (retained by the fleet).
+pub fn desired_topic(device: &str) -> String {
+    format!("{}/desired", device_root(device))
+}
+
+/// `perch/v1/<device>/desired/get`: an empty message asking the fleet to publish the
+/// desired state again (for fleets that do not retain it).
+pub fn desired_get_topic(device: &str) -> String {
+    format!("{}/desired/get", device_root(device))
+}
+
+fn device_root(device: &str) -> String {
+    format!("{}/{device}", subjects::mqtt_topic(subjects::ROOT))
+}
+
+/// The MQTT transport.
+pub struct Mqtt {
+    device: String,
+    url: String,
+    options: MqttOptions,
+    session: Option<Session>,
+    /// Why the last session was ended here, until the next one is open.
+    lost: Option<String>,
+}
+
+impl std::fmt::Debug for Mqtt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mqtt")
+            .field("device", &self.device)
+            .field("url", &self.url)
+            .field(
+                "connected",
+                &self.session.as_ref().is_some_and(Session::alive),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the broker is: `mqtt://host[:port]` or `mqtts://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Broker {
+    tls: bool,
+    host: String,
+    port: u16,
+}
+
+fn parse_url(url: &str) -> Result<Broker, SyncError> {
+    let bad = |why: &str| SyncError::Config(format!("sync.url: `{url}` {why}"));
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err(bad("must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+        return Err(bad(
+            "must be only a host and port; credentials go in `user` and `password`",
+        ));
+    }
+    let default = if tls { MQTTS_PORT } else { MQTT_PORT };
+    // `host:port`, `[v6]:port` or a bare host.
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') && (!h.contains(':') || h.ends_with(']')) => (
+            h,
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("has a port that is not a number from 1 to 65535"))?,
+        ),
+        _ => (rest, default),
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    Ok(Broker {
+        tls,
+        host: host.to_string(),
+        port,
+    })
+}
+
+fn read_file(key: &str, path: &std::path::Path) -> Result<Vec<u8>, SyncError> {
+    std::fs::read(path)
+        .map_err(|e| SyncError::Config(format!("sync.{key}: cannot read {}: {e}", path.display())))
+}
+
+/// A rustls client config with the ring provider (the one async-nats brings; rumqttc is
+/// built without a provider of its own), trusting `ca-file` or the system's CA bundle,
+/// with the client certificate of `cert-file` and `key-file` if given.
+fn tls_config(config: &SyncConfig) -> Result<rustls::ClientConfig, SyncError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let (ca_key, ca_path) = match &config.ca_file {
+        Some(p) => ("ca-file", p.clone()),
+        None => match CA_BUNDLES
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.is_file())
+        {
+            Some(p) => ("ca-file (system bundle)", p),
+            None => {
+                return Err(SyncError::Config(format!(
+                    "sync.ca-file: `{}` needs the broker's CA certificate: there is no system CA bundle ({})",
+                    config.url,
+                    CA_BUNDLES.join(", ")
+                )));
+            }
+        },
+    };
+    let ca = read_file(ca_key, &ca_path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        let cert = cert
+            .map_err(|e| SyncError::Config(format!("sync.{ca_key}: {}: {e}", ca_path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| SyncError::Config(format!("sync.{ca_key}: {}: {e}", ca_path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(SyncError::Config(format!(
+            "sync.{ca_key}: {} holds no PEM certificate",
+            ca_path.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SyncError::Config(format!("sync: TLS: {e}")))?
+        .with_root_certificates(roots);
+    match (&config.cert_file, &config.key_file) {
+        (Some(cert_path), Some(key_path)) => {
+            let pem = read_file("cert-file", cert_path)?;
+            let chain = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    SyncError::Config(format!("sync.cert-file: {}: {e}", cert_path.display()))
+                })?;
+            if chain.is_empty() {
+                return Err(SyncError::Config(format!(
+                    "sync.cert-file: {} holds no PEM certificate",
+                    cert_path.display()
+                )));
+            }
+            let key =
+                PrivateKeyDer::from_pem_slice(&read_file("key-file", key_path)?).map_err(|e| {
+                    SyncError::Config(format!("sync.key-file: {}: {e}", key_path.display()))
+                })?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                SyncError::Config(format!(
+                    "sync.cert-file/key-file: {} and {}: {e}",
+                    cert_path.display(),
+                    key_path.display()
+                ))
+            })
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+impl Mqtt {
+    /// A transport for `config`; reads the TLS files now, so a missing or broken file is a
+    /// start-up error rather than a connect loop.
+    pub fn new(config: &SyncConfig) -> Result<Self, SyncError> {
+        let broker = parse_url(&config.url)?;
+        if config.token.is_some() || config.nkey_seed_file.is_some() {
+            return Err(SyncError::Config(
+                "sync.token / sync.nkey-seed-file: NATS credentials; MQTT takes `user` and `password`"
+                    .into(),
+            ));
+        }
+        let mut options = MqttOptions::new(
+            format!("perch-{}", config.device),
+            broker.host.clone(),
+            broker.port,
+        );
+        options
+            .set_keep_alive(KEEP_ALIVE)
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(SESSION_EXPIRY.as_secs() as u32))
+            .set_max_packet_size(Some(MAX_INCOMING_PACKET))
+            .set_connection_timeout(TIMEOUT.as_secs())
+            .set_request_channel_capacity(REQUEST_CAPACITY)
+            // rumqttc sizes its in-flight table by this; the broker's receive maximum may
+            // lower it.
+            .set_outgoing_inflight_upper_limit(config.window.clamp(1, u16::MAX as usize) as u16)
+            .set_last_will(LastWill::new(
+                online_topic(&config.device),
+                OFFLINE.to_vec(),
+                QoS::AtLeastOnce,
+                true,
+                None,
+            ));
+        if let Some(user) = &config.user {
+            options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+        }
+        if broker.tls {
+            options.set_transport(rumqttc::Transport::Tls(TlsConfiguration::Rustls(Arc::new(
+                tls_config(config)?,
+            ))));
+        } else if config.ca_file.is_some() || config.cert_file.is_some() {
+            return Err(SyncError::Config(format!(
+                "sync.ca-file / sync.cert-file: TLS files given, but `{}` is not mqtts://",
+                config.url
+            )));
+        }
+        Ok(Self {
+            device: config.device.clone(),
+            url: config.url.clone(),
+            options,
+            session: None,
+            lost: None,
+        })
+    }
+
+    /// The session, if its connection is up; otherwise why `what` cannot be done (the
+    /// reason the connection ended, when there was one).
+    fn live(&self, what: &str) -> Result<&Session, SyncError> {
+        match &self.session {
+            Some(s) if s.alive() => Ok(s),
+            Some(s) => Err(SyncError::Publish {
+                what: format!("{what} to {}", self.url),
+                reason: format!("the connection was lost: {}", s.end_reason()),
+            }),
+            None => match &self.lost {
+                Some(reason) => Err(SyncError::Publish {
+                    what: format!("{what} to {}", self.url),
+                    reason: format!("the connection was given up: {reason}"),
+                }),
+                None => Err(SyncError::NotConnected {
+                    url: self.url.clone(),
+                }),
+            },
+        }
+    }
+
+    /// The session, if its connection is up.
+    fn connected(&self) -> Result<&Session, SyncError> {
+        match &self.session {
+            Some(s) if s.alive() => Ok(s),
+            _ => Err(SyncError::NotConnected {
+                url: self.url.clone(),
+            }),
+        }
+    }
+
+    /// Ends the session because of `reason`: the connection closes without DISCONNECT, so
+    /// the broker publishes the last will; the next `connect` opens a fresh one.
+    fn end_session(&mut self, reason: &str) {
+        if self.session.take().is_some() {
+            tracing::warn!(url = %self.url, %reason, "mqtt connection given up");
+            self.lost = Some(reason.to_string());
+        }
+    }
+}
+
+impl Transport for Mqtt {
+    fn name(&self) -> &'static str {
+        "mqtt"
+    }
+
+    fn connect(&mut self) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            if self.session.as_ref().is_some_and(Session::alive) {
+                return Ok(());
+            }
+            // The event loop of a dead session is gone already; this drops the client.
+            self.session = None;
+            let session = Session::open(&self.options, &self.device, &self.url).await?;
+            self.session = Some(session);
+            self.lost = None;
+            Ok(())
+        })
+    }
+
+    fn publish<'a>(
+        &'a mut self,
+        records: &'a [(u64, OutboxRecord)],
+    ) -> BoxFuture<'a, (Option<u64>, Result<(), SyncError>)> {
+        Box::pin(async move {
+            let session = match self.live("telemetry") {
+                Ok(s) => s,
+                Err(e) => return (None, Err(e)),
+            };
+            let fail = |seq: u64, reason: String| SyncError::Publish {
+                what: format!("outbox record {seq} to {}", self.url),
+                reason,
+            };
+            // Hand every record to the event loop (it sends them as its in-flight window
+            // allows), then collect the PUBACKs in order.
+            let mut pending = Vec::with_capacity(records.len());
+            let mut error = None;
+            let mut broken = None;
+            for (seq, r) in records {
+                let properties = PublishProperties {
+                    user_properties: vec![
+                        (
+                            MSG_ID_PROPERTY.into(),
+                            subjects::message_id(&self.device, *seq),
+                        ),
+                        (COMPONENT_PROPERTY.into(), r.component.clone()),
+                        (TIME_PROPERTY.into(), r.timestamp_ms.to_string()),
+                    ],
+                    ..PublishProperties::default()
+                };
+                let sent = session
+                    .publish(
+                        telemetry_topic(&self.device, &r.stream),
+                        false,
+                        Bytes::copy_from_slice(&r.payload),
+                        Some(properties),
+                    )
+                    .await;
+                match sent {
+                    Ok(ack) => pending.push((*seq, ack)),
+                    Err(reason) => {
+                        broken = Some(reason.clone());
+                        error = Some(fail(*seq, reason));
+                        break;
+                    }
+                }
+            }
+            let mut acked = None;
+            let mut prefix = true;
+            for (seq, ack) in pending {
+                match session.ack(ack).await {
+                    Ok(()) if prefix => acked = Some(seq),
+                    Ok(()) => {}
+                    // Refused by the broker: the session is fine, later acks still come.
+                    Err(AckError::Refused(reason)) => {
+                        if prefix {
+                            error = Some(fail(seq, reason));
+                        }
+                        prefix = false;
+                    }
+                    Err(AckError::Lost(reason)) => {
+                        if prefix {
+                            error = Some(fail(seq, reason.clone()));
+                        }
+                        broken = Some(reason);
+                        break;
+                    }
+                }
+            }
+            if let Some(reason) = broken {
+                self.end_session(&reason);
+            }
+            (acked, error.map_or(Ok(()), Err))
+        })
+    }
+
+    fn heartbeat(&mut self, body: Vec<u8>) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            let session = self.live("heartbeat")?;
+            let sent = tokio::time::timeout(
+                ACK_TIMEOUT,
+                session
+                    .client
+                    .publish(heartbeat_topic(&self.device), QoS::AtMostOnce, false, body),
+            )
+            .await;
+            let failed = match sent {
+                Ok(Ok(())) => None,
+                Ok(Err(_)) => Some(session.end_reason()),
+                Err(_) => Some(format!(
+                    "the broker took no new message for {ACK_TIMEOUT:?}"
+                )),
+            };
+            if let Some(reason) = failed {
+                self.end_session(&reason);
+                return Err(SyncError::Publish {
+                    what: format!("heartbeat to {}", self.url),
+                    reason,
+                });
+            }
+            // The event loop task sees a closed socket at once and a silent broker after a
+            // missed ping (keep-alive); either ends the session.
+            self.live("heartbeat").map(drop)
+        })
+    }
+
+    fn put_reported(&mut self, body: Vec<u8>) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            let session = self.live("reported state")?;
+            let topic = reported_topic(&self.device);
+            let fail = |reason: String| SyncError::Publish {
+                what: format!("reported state to {topic}"),
+                reason,
+            };
+            let result = match session
+                .publish(topic.clone(), true, body.into(), None)
+                .await
+            {
+                Ok(ack) => session.ack(ack).await,
+                Err(reason) => Err(AckError::Lost(reason)),
+            };
+            match result {
+                Ok(()) => Ok(()),
+                Err(AckError::Refused(reason)) => Err(fail(reason)),
+                Err(AckError::Lost(reason)) => {
+                    self.end_session(&reason);
+                    Err(fail(reason))
+                }
+            }
+        })
+    }
+
+    fn fetch_desired(&mut self) -> BoxFuture<'_, Result<Option<Vec<u8>>, SyncError>> {
+        Box::pin(async move {
+            let session = self.connected()?;
+            let mut desired = session.desired.clone();
+            let deadline = session.subscribed_at.map(|t| t + DESIRED_WAIT);
+            // Right after subscribing, give the broker a moment to send the retained
+            // document (or the fleet to answer `desired/get`).
+            if let Some(deadline) = deadline
+                && !desired.borrow().received
+            {
+                let _ = tokio::time::timeout_at(deadline.into(), desired.wait_for(|d| d.received))
+                    .await;
+            }
+            let doc = desired.borrow().doc.clone();
+            Ok(doc)
+        })
+    }
+
+    fn watch_desired(&mut self) -> BoxFuture<'_, Result<BoxStream<'static, Vec<u8>>, SyncError>> {
+        Box::pin(async move {
+            let session = self.connected()?;
+            if session.subscribed_at.is_none() {
+                return Err(SyncError::Setup {
+                    what: format!("subscribing to {}", desired_topic(&self.device)),
+                    reason: "the broker refused the subscription".into(),
+                });
+            }
+            let mut rx = session.desired.clone();
+            // What is there now is for `fetch_desired`; the stream carries what follows.
+            rx.borrow_and_update();
+            let stream = futures::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    rx.changed().await.ok()?;
+                    let doc = rx.borrow_and_update().doc.clone();
+                    if let Some(doc) = doc {
+                        return Some((doc, rx));
+                    }
+                }
+            });
+            use futures::StreamExt;
+            Ok(stream.boxed())
+        })
+    }
+}
+
+/// The last desired-state document received in a session.
+#[derive(Debug, Clone, Default)]
+struct Desired {
+    /// Whether anything arrived on the desired topic yet.
+    received: bool,
+    /// The document; `None` when the fleet cleared the retained message (empty payload).
+    doc: Option<Vec<u8>>,
+}
+
+/// Why an acknowledgement did not come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AckError {
+    /// The broker answered with a failure reason code; the connection is fine.
+    Refused(String),
+    /// The connection failed or the broker did not answer in time.
+    Lost(String),
+}
+
+type Waiter = oneshot::Sender<Result<(), AckError>>;
+
+/// Pairs QoS 1 publishes and subscriptions with their acknowledgements. rumqttc reports
+/// `Outgoing::Publish(pkid)` in the order it takes requests from its channel, and the
+/// transport registers a waiter just before handing each request to the client, so the
+/// n-th QoS 1 publish event belongs to the n-th registered waiter.
+#[derive(Debug, Default)]
+struct Tracker {
+    /// QoS 1 publishes handed to the client and not yet sent, in order.
+    unsent: VecDeque<Waiter>,
+    /// A publish rumqttc holds back because its packet id is still in flight
+    /// (`Outgoing::AwaitAck`); it is sent (`Outgoing::Publish`) when that id is acked.
+    collided: Option<Waiter>,
+    /// Sent QoS 1 publishes by packet id.
+    unacked: HashMap<u16, Waiter>,
+    /// The same for subscriptions.
+    subs_unsent: VecDeque<Waiter>,
+    subs_unacked: HashMap<u16, Waiter>,
+    /// Set when the session ended: later waiters fail at once.
+    ended: Option<String>,
+}
+
+impl Tracker {
+    fn register_publish(&mut self) -> oneshot::Receiver<Result<(), AckError>> {
+        let (tx, rx) = oneshot::channel();
+        match &self.ended {
+            Some(reason) => {
+                let _ = tx.send(Err(AckError::Lost(reason.clone())));
+            }
+            None => self.unsent.push_back(tx),
+        }
+        rx
+    }
+
+    fn register_subscribe(&mut self) -> oneshot::Receiver<Result<(), AckError>> {
+        let (tx, rx) = oneshot::channel();
+        match &self.ended {
+            Some(reason) => {
+                let _ = tx.send(Err(AckError::Lost(reason.clone())));
+            }
+            None => self.subs_unsent.push_back(tx),
+        }
+        rx
+    }
+
+    /// Follows one event of the event loop.
+    fn on_event(&mut self, event: &Event) {
+        match event {
+            // Packet id 0 is a QoS 0 publish: nothing to wait for.
+            Event::Outgoing(Outgoing::Publish(0)) => {}
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(w) = self.collided.take().or_else(|| self.unsent.pop_front()) {
+                    self.unacked.insert(*pkid, w);
+                }
+            }
+            Event::Outgoing(Outgoing::AwaitAck(_)) => {
+                self.collided = self.unsent.pop_front();
+            }
+            Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                if let Some(w) = self.subs_unsent.pop_front() {
+                    self.subs_unacked.insert(*pkid, w);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(w) = self.unacked.remove(&ack.pkid) {
+                    let _ = w.send(puback_result(ack));
+                }
+            }
+            Event::Incoming(Packet::SubAck(ack)) => {
+                if let Some(w) = self.subs_unacked.remove(&ack.pkid) {
+                    let _ = w.send(suback_result(ack));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The connection is gone: every waiter fails with `reason`.
+    fn end(&mut self, reason: &str) {
+        self.ended = Some(reason.to_string());
+        let waiters = self
+            .unsent
+            .drain(..)
+            .chain(self.collided.take())
+            .chain(self.unacked.drain().map(|(_, w)| w))
+            .chain(self.subs_unsent.drain(..))
+            .chain(self.subs_unacked.drain().map(|(_, w)| w));
+        for w in waiters {
+            let _ = w.send(Err(AckError::Lost(reason.to_string())));
+        }
+    }
+}
+
+fn puback_result(ack: &PubAck) -> Result<(), AckError> {
+    match ack.reason {
+        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+        reason => {
+            let detail = ack
+                .properties
+                .as_ref()
+                .and_then(|p| p.reason_string.as_deref())
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default();
+            Err(AckError::Refused(format!(
+                "the broker refused it: {reason:?}{detail}"
+            )))
+        }
+    }
+}
+
+fn suback_result(ack: &SubAck) -> Result<(), AckError> {
+    match ack.return_codes.first() {
+        Some(SubscribeReasonCode::Success(_)) => Ok(()),
+        other => Err(AckError::Refused(format!(
+            "the broker refused the subscription: {other:?}"
+        ))),
+    }
+}
+
+/// One connection to the broker and the task polling it; dropping it closes the
+/// connection.
+struct Session {
+    client: AsyncClient,
+    tracker: Arc<Mutex<Tracker>>,
+    /// `Some(reason)` once the connection failed.
+    ended: watch::Receiver<Option<String>>,
+    desired: watch::Receiver<Desired>,
+    /// When the desired-state subscription was acknowledged (`None`: refused).
+    subscribed_at: Option<Instant>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Session {
+    /// Connects, subscribes to the desired state, says the device is online and asks the
+    /// fleet for its desired state.
+    async fn open(options: &MqttOptions, device: &str, url: &str) -> Result<Self, SyncError> {
+        let (client, events) = AsyncClient::new(options.clone(), REQUEST_CAPACITY);
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let (ended_tx, ended) = watch::channel(None);
+        let (desired_tx, desired) = watch::channel(Desired::default());
+        let (connack_tx, connack) = oneshot::channel();
+        let task = tokio::spawn(drive(
+            events,
+            tracker.clone(),
+            connack_tx,
+            ended_tx,
+            desired_tx,
+            desired_topic(device),
+            url.to_string(),
+        ));
+        let mut session = Self {
+            client,
+            tracker,
+            ended,
+            desired,
+            subscribed_at: None,
+            task,
+        };
+        let connect_error = |reason: String| SyncError::Connect {
+            url: url.to_string(),
+            reason,
+        };
+        match tokio::time::timeout(TIMEOUT + Duration::from_secs(1), connack).await {
+            Ok(Ok(Ok(session_present))) => {
+                tracing::info!(%url, %device, session_present, "mqtt connected");
+            }
+            Ok(Ok(Err(reason))) => return Err(connect_error(reason)),
+            Ok(Err(_)) => return Err(connect_error("the connection task ended".into())),
+            Err(_) => return Err(connect_error(format!("no CONNACK within {TIMEOUT:?}"))),
+        }
+
+        // Desired state: the fleet retains it; the broker sends it right after the SUBACK.
+        let topic = desired_topic(device);
+        let rx = session.lock().register_subscribe();
+        let subscribed = match session.client.subscribe(&topic, QoS::AtLeastOnce).await {
+            Ok(()) => session.ack(rx).await,
+            Err(e) => Err(AckError::Lost(e.to_string())),
+        };
+        match subscribed {
+            Ok(()) => session.subscribed_at = Some(Instant::now()),
+            Err(AckError::Refused(reason)) => {
+                // Telemetry does not depend on it: say so and carry on without.
+                tracing::warn!(%topic, %reason, "desired state will not be received");
+            }
+            Err(AckError::Lost(reason)) => {
+                return Err(SyncError::Setup {
+                    what: format!("subscribing to {topic} on {url}"),
+                    reason,
+                });
+            }
+        }
+
+        // Presence, replacing the `0` the last will of an earlier connection left.
+        let topic = online_topic(device);
+        let online = match session
+            .publish(topic.clone(), true, Bytes::from_static(ONLINE), None)
+            .await
+        {
+            Ok(ack) => session.ack(ack).await,
+            Err(reason) => Err(AckError::Lost(reason)),
+        };
+        match online {
+            Ok(()) => {}
+            Err(AckError::Refused(reason)) => {
+                tracing::warn!(%topic, %reason, "presence not published");
+            }
+            Err(AckError::Lost(reason)) => {
+                return Err(SyncError::Publish {
+                    what: format!("presence to {topic} on {url}"),
+                    reason,
+                });
+            }
+        }
+
+        // Fleets that do not retain the desired state answer this by publishing it; the
+        // ack is not waited for (a fleet may not allow it, which is no error here).
+        if let Err(reason) = session
+            .publish(desired_get_topic(device), false, Bytes::new(), None)
+            .await
+        {
+            return Err(SyncError::Publish {
+                what: format!("{} on {url}", desired_get_topic(device)),
+                reason,
+            });
+        }
+        Ok(session)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn alive(&self) -> bool {
+        self.ended.borrow().is_none() && !self.task.is_finished()
+    }
+
+    fn end_reason(&self) -> String {
+        self.ended
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "the connection task ended".into())
+    }
+
+    /// Hands a QoS 1 publish to the event loop; the receiver resolves with its PUBACK.
+    async fn publish(
+        &self,
+        topic: String,
+        retain: bool,
+        payload: Bytes,
+        properties: Option<PublishProperties>,
+    ) -> Result<oneshot::Receiver<Result<(), AckError>>, String> {
+        let rx = self.lock().register_publish();
+        let send = async {
+            match properties {
+                Some(p) => {
+                    self.client
+                        .publish_bytes_with_properties(topic, QoS::AtLeastOnce, retain, payload, p)
+                        .await
+                }
+                None => {
+                    self.client
+                        .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
+                        .await
+                }
+            }
+        };
+        // The channel is full while the in-flight window is: a broker that stops acking
+        // stops us here.
+        match tokio::time::timeout(ACK_TIMEOUT, send).await {
+            Ok(Ok(())) => Ok(rx),
+            Ok(Err(_)) => Err(self.end_reason()),
+            Err(_) => Err(format!(
+                "the broker took no new message for {ACK_TIMEOUT:?} (no acks)"
+            )),
+        }
+    }
+
+    /// Waits for one acknowledgement.
+    async fn ack(&self, rx: oneshot::Receiver<Result<(), AckError>>) -> Result<(), AckError> {
+        match tokio::time::timeout(ACK_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(AckError::Lost(self.end_reason())),
+            Err(_) => Err(AckError::Lost(format!(
+                "no acknowledgement within {ACK_TIMEOUT:?}"
+            ))),
+        }
+    }
+}
+
+/// Polls the event loop until the connection fails, then ends the session (rumqttc would
+/// reconnect on the next poll; a fresh session is opened instead, see the module docs).
+async fn drive(
+    mut events: EventLoop,
+    tracker: Arc<Mutex<Tracker>>,
+    connack: oneshot::Sender<Result<bool, String>>,
+    ended: watch::Sender<Option<String>>,
+    desired: watch::Sender<Desired>,
+    desired_topic: String,
+    url: String,
+) {
+    let mut connack = Some(connack);
+    let reason = loop {
+        let event = match events.poll().await {
+            Ok(event) => event,
+            Err(e) => break e.to_string(),
+        };
+        tracker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .on_event(&event);
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                if let Some(tx) = connack.take() {
+                    let _ = tx.send(Ok(ack.session_present));
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic == desired_topic.as_bytes() => {
+                tracing::debug!(topic = %desired_topic, bytes = p.payload.len(), retained = p.retain, "desired state received");
+                let doc = (!p.payload.is_empty()).then(|| p.payload.to_vec());
+                desired.send_replace(Desired {
+                    received: true,
+                    doc,
+                });
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                tracing::debug!(topic = %String::from_utf8_lossy(&p.topic), "unexpected mqtt message");
+            }
+            _ => {}
+        }
+    };
+    if connack.is_none() {
+        tracing::warn!(%url, %reason, "mqtt connection lost");
+    } else {
+        tracing::debug!(%url, %reason, "mqtt connection failed");
+    }
+    tracker
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .end(&reason);
+    ended.send_replace(Some(reason.clone()));
+    if let Some(tx) = connack.take() {
+        let _ = tx.send(Err(reason));
+    }
+    // Dropping the event loop closes the socket (no DISCONNECT: the broker sends the will)
+    // and the request channel, so a publish in progress fails at once.
+    drop(events);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_the_subject_tree_with_slashes() {
+        assert_eq!(
+            telemetry_topic("gw-1", "climate"),
+            "perch/v1/gw-1/telemetry/climate"
+        );
+        assert_eq!(
+            telemetry_topic("gw-1", "room.temp"),
+            "perch/v1/gw-1/telemetry/room/temp"
+        );
+        assert_eq!(heartbeat_topic("gw-1"), "perch/v1/gw-1/hb");
+        assert_eq!(online_topic("gw-1"), "perch/v1/gw-1/online");
+        assert_eq!(reported_topic("gw-1"), "perch/v1/gw-1/reported");
+        assert_eq!(desired_topic("gw-1"), "perch/v1/gw-1/desired");
+        assert_eq!(desired_get_topic("gw-1"), "perch/v1/gw-1/desired/get");
+    }
+
+    #[test]
+    fn urls_name_host_and_port() {
+        let b = |tls, host: &str, port| Broker {
+            tls,
+            host: host.into(),
+            port,
+        };
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:1884").ok(),
+            Some(b(false, "127.0.0.1", 1884))
+        );
+        assert_eq!(
+            parse_url("mqtts://hub.example.com").ok(),
+            Some(b(true, "hub.example.com", 8883))
+        );
+        assert_eq!(parse_url("mqtt://hub/").ok(), Some(b(false, "hub", 1883)));
+        assert_eq!(
+            parse_url("mqtt://[::1]:1884").ok(),
+            Some(b(false, "[::1]", 1884))
+        );
+        for bad in [
+            "nats://hub",
+            "mqtt://",
+            "mqtt://hub:0",
+            "mqtt://hub:x",
+            "mqtt://u:p@hub",
+            "mqtt://hub/topic",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn sync_config(lines: &str) -> SyncConfig {
+        let text = format!("[sync]\ndevice = \"gw-1\"\ntransport = \"mqtt\"\n{lines}");
+        perch_core::config::AgentConfig::from_toml(&text, "test")
+            .expect("valid config")
+            .sync
+            .expect("a [sync] section")
+    }
+
+    fn start_error(lines: &str) -> String {
+        match Mqtt::new(&sync_config(lines)) {
+            Ok(m) => panic!("{m:?} accepted `{lines}`"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn unusable_settings_are_start_errors_naming_the_key() {
+        let e =
+            start_error("url = \"mqtts://127.0.0.1:8883\"\nca-file = \"/nonexistent/ca.pem\"\n");
+        assert!(
+            e.starts_with("sync.ca-file: cannot read /nonexistent/ca.pem"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let e = start_error(&format!(
+            "url = \"mqtts://127.0.0.1:8883\"\nca-file = \"{}\"\n",
+            empty.display()
+        ));
+        assert!(e.contains("holds no PEM certificate"), "{e}");
+        let e = start_error("url = \"mqtt://127.0.0.1:1883\"\ntoken = \"t\"\n");
+        assert!(e.contains("MQTT takes `user` and `password`"), "{e}");
+        let e = start_error("url = \"mqtt://127.0.0.1:1883\"\nca-file = \"/etc/hosts\"\n");
+        assert!(e.contains("is not mqtts://"), "{e}");
+        let m = Mqtt::new(&sync_config(
+            "url = \"mqtt://127.0.0.1:1883\"\nuser = \"gw-1\"\n",
+        ))
+        .expect("plain MQTT with a user name");
+        assert_eq!(m.options.client_id(), "perch-gw-1");
+        assert!(!m.options.clean_start());
+        assert_eq!(m.options.keep_alive(), KEEP_ALIVE);
+    }
+
+    fn puback(pkid: u16, reason: PubAckReason) -> Event {
+        Event::Incoming(Packet::PubAck(PubAck {
+            pkid,
+            reason,
+            properties: None,
+        }))
+    }
+
+    #[test]
+    fn acks_find_their_publish_in_send_order_and_through_a_collision() {
+        let mut t = Tracker::default();
+        let mut rx: Vec<_> = (0..4).map(|_| t.register_publish()).collect();
+        // A QoS 0 heartbeat between them takes no waiter.
+        t.on_event(&Event::Outgoing(Outgoing::Publish(1)));
+        t.on_event(&Event::Outgoing(Outgoing::Publish(0)));
+        t.on_event(&Event::Outgoing(Outgoing::Publish(2)));
+        // The third reuses id 1 before it is acked: held back, sent after the ack.
+        t.on_event(&Event::Outgoing(Outgoing::AwaitAck(1)));
+        t.on_event(&puback(2, PubAckReason::Success));
+        t.on_event(&puback(1, PubAckReason::NoMatchingSubscribers));
+        t.on_event(&Event::Outgoing(Outgoing::Publish(1)));
+        t.on_event(&Event::Outgoing(Outgoing::Publish(2)));
+        t.on_event(&puback(1, PubAckReason::NotAuthorized));
+        let results: Vec<_> = rx.iter_mut().map(|r| r.try_recv().ok()).collect();
+        assert_eq!(results[0], Some(Ok(())));
+        assert_eq!(results[1], Some(Ok(())));
+        assert!(
+            matches!(&results[2], Some(Err(AckError::Refused(r))) if r.contains("NotAuthorized")),
+            "{results:?}"
+        );
+        // Sent, not acked yet.
+        assert_eq!(results[3], None);
+        t.end("I/O: connection reset");
+        assert_eq!(
+            rx[3].try_recv().ok(),
+            Some(Err(AckError::Lost("I/O: connection reset".into())))
+        );
+        // After the end, a new waiter fails at once.
+        let mut late = t.register_publish();
+        assert!(matches!(late.try_recv(), Ok(Err(AckError::Lost(_)))));
+    }
+
+    #[test]
+    fn subscriptions_are_tracked_apart_from_publishes() {
+        let mut t = Tracker::default();
+        let mut p = t.register_publish();
+        let mut s = t.register_subscribe();
+        t.on_event(&Event::Outgoing(Outgoing::Subscribe(1)));
+        t.on_event(&Event::Outgoing(Outgoing::Publish(2)));
+        t.on_event(&Event::Incoming(Packet::SubAck(SubAck {
+            pkid: 1,
+            return_codes: vec![SubscribeReasonCode::NotAuthorized],
+            properties: None,
+        })));
+        assert!(matches!(s.try_recv(), Ok(Err(AckError::Refused(_)))));
+        assert!(p.try_recv().is_err(), "the publish is still in flight");
+        t.on_event(&puback(2, PubAckReason::Success));
+        assert_eq!(p.try_recv().ok(), Some(Ok(())));
+    }
+}
