@@ -933,6 +933,9 @@ fn machine() -> String {
 }
 
 fn main() -> Result<()> {
+    // Like perchd: two malloc arenas. With glibc's default (8 per core) the threads of the
+    // in-process benches each grow their own arena, and resident figures measure that.
+    perchd::memory::limit_arenas();
     let args = parse_args()?;
     let want = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
     let mut rows = Vec::new();
