@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the benchmark table of docs/performance.md. Installs the load generator (wrk) and
 # wasmtime-cli 48.0.8 (for the `wasmtime serve` baseline) when missing, builds perchd with the
-# size-optimised `firmware` profile (what ships on devices) and runs perch-bench against it.
-#   scripts/bench.sh [--idle-secs 60] [--launches 30] [--only invoke|load|cold-start|instances|http|idle-rss]
+# `firmware` profile (fat LTO, stripped: what ships on devices) and runs perch-bench against it.
+#   scripts/bench.sh [--idle-secs 60] [--launches 30] [--drain-records N] [--only invoke|load|cold-start|instances|http|idle-rss|boundary|drain]
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +21,7 @@ if [[ ! -x "$tools/bin/wasmtime" ]]; then
 fi
 
 cargo build --release -p perch-tests --bin perch-bench
-# The firmware build (fat LTO, opt-level "s") gets its own target dir so it never
+# The firmware build (fat LTO, one codegen unit, stripped) gets its own target dir so it never
 # invalidates the release artifacts the tests use.
 firmware="${PERCH_FIRMWARE_TARGET:-$HOME/.cache/perch/firmware-target}"
 CARGO_TARGET_DIR="$firmware" cargo build --profile firmware -p perchd
