@@ -179,22 +179,26 @@ impl JsApi {
         })
     }
 
-    /// One API request; an `error` in the answer is an error.
-    pub fn request(&self, api: &str, body: &Value) -> Result<Value> {
-        let subject = format!("{}.{api}", self.prefix);
+    /// A request on `subject`, its answer parsed as JSON; 5 s to answer.
+    fn ask(&self, subject: &str, payload: Vec<u8>) -> Result<Value> {
         let reply = self
             .rt
             .block_on(async {
                 tokio::time::timeout(
                     Duration::from_secs(5),
-                    self.client
-                        .request(subject.clone(), body.to_string().into()),
+                    self.client.request(subject.to_string(), payload.into()),
                 )
                 .await
             })
             .with_context(|| format!("{subject}: no answer in 5 s"))?
             .with_context(|| format!("request {subject}"))?;
-        let v: Value = serde_json::from_slice(&reply.payload)?;
+        Ok(serde_json::from_slice(&reply.payload)?)
+    }
+
+    /// One API request; an `error` in the answer is an error.
+    pub fn request(&self, api: &str, body: &Value) -> Result<Value> {
+        let subject = format!("{}.{api}", self.prefix);
+        let v = self.ask(&subject, body.to_string().into_bytes())?;
         if let Some(e) = v.get("error") {
             bail!("{subject}: {e}");
         }
@@ -204,19 +208,7 @@ impl JsApi {
     /// A JetStream publish (a KV put when `subject` is `$KV.<bucket>.<key>`); waits for
     /// the stream's ack.
     pub fn put(&self, subject: &str, payload: &[u8]) -> Result<()> {
-        let reply = self
-            .rt
-            .block_on(async {
-                tokio::time::timeout(
-                    Duration::from_secs(5),
-                    self.client
-                        .request(subject.to_string(), payload.to_vec().into()),
-                )
-                .await
-            })
-            .with_context(|| format!("{subject}: no ack in 5 s"))?
-            .with_context(|| format!("publish {subject}"))?;
-        let v: Value = serde_json::from_slice(&reply.payload)?;
+        let v = self.ask(subject, payload.to_vec())?;
         if v.get("error").is_some() || v.get("seq").is_none() {
             bail!("{subject}: not stored: {v}");
         }

@@ -161,6 +161,9 @@ impl fmt::Debug for SledStore {
     }
 }
 
+/// Attempts, 50 ms apart, to take sled's lock on a store that was just closed.
+const LOCK_RETRIES: u32 = 40;
+
 impl SledStore {
     /// Opens the store in directory `path`, creating it when it does not exist. Refuses a
     /// path that is a file, a non-empty directory without a sled database, or a store of
@@ -184,18 +187,38 @@ impl SledStore {
         // sled 0.34 panics on some corrupt logs instead of returning an error (seen here:
         // "tried to serialize Uninitialized" after bytes in a live segment were flipped).
         // With `panic = "abort"` (the firmware profile) this cannot help and the process dies.
-        let db = std::panic::catch_unwind(AssertUnwindSafe(|| config.open()))
-            .map_err(|panic| StoreError::Unrecoverable {
-                path: path.clone(),
-                reason: format!(
-                    "sled panicked while recovering its log: {}",
-                    panic_message(&*panic)
-                ),
-            })?
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        // sled's file lock outlives a dropped store by as long as its flusher thread takes to
+        // notice, so a store closed and opened again at once (a restart inside one process)
+        // can find its own lock still held: wait for it briefly. Another process holding the
+        // store is still refused, after the wait.
+        let mut attempts = 0;
+        let db = loop {
+            let opened =
+                std::panic::catch_unwind(AssertUnwindSafe(|| config.open())).map_err(|panic| {
+                    StoreError::Unrecoverable {
+                        path: path.clone(),
+                        reason: format!(
+                            "sled panicked while recovering its log: {}",
+                            panic_message(&*panic)
+                        ),
+                    }
+                })?;
+            match opened {
+                Err(sled::Error::Io(e))
+                    if attempts < LOCK_RETRIES
+                        && e.to_string().contains("could not acquire lock") =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => {
+                    break other.map_err(|source| StoreError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+            }
+        };
 
         let open_tree = |name: &'static str| {
             db.open_tree(name).map_err(sled_err(|| {
