@@ -292,6 +292,19 @@ impl Perchd {
     }
 
     /// Deploys a component file with a query string of triggers and limits.
+    /// Uploads a blob to the agent's cache (`PUT /v1/blobs`) and returns its digest.
+    pub fn upload_blob(&self, bytes: &[u8]) -> Result<String> {
+        let r = self.request("PUT", "/v1/blobs", Some(bytes.to_vec()))?;
+        if r.status != 201 {
+            bail!("PUT /v1/blobs answered {}: {}", r.status, r.body);
+        }
+        r.body["digest"]
+            .as_str()
+            .map(String::from)
+            .context("PUT /v1/blobs answered without a digest")
+    }
+
+    /// Deploys `wasm` as component `name` with the triggers in `query`.
     pub fn deploy(&self, name: &str, wasm: &[u8], query: &str) -> Result<Resp> {
         self.request(
             "PUT",

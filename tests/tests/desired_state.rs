@@ -6,18 +6,12 @@ use std::time::Duration;
 use perch_tests::{Launch, Perchd, examples};
 use serde_json::json;
 
-fn sha256_of(agent: &Perchd, bytes: &[u8]) -> anyhow::Result<String> {
-    let r = agent.request("PUT", "/v1/blobs", Some(bytes.to_vec()))?;
-    assert_eq!(r.status, 201, "{}", r.body);
-    Ok(r.body["digest"].as_str().expect("digest").to_string())
-}
-
 #[test]
 fn apply_replace_and_remove_through_desired_state_documents() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let agent = Perchd::start(dir.path(), Launch::default())?;
-    let timer = sha256_of(&agent, &examples::bytes(examples::TIMER))?;
-    let noop = sha256_of(&agent, &examples::bytes(examples::NOOP))?;
+    let timer = agent.upload_blob(&examples::bytes(examples::TIMER))?;
+    let noop = agent.upload_blob(&examples::bytes(examples::NOOP))?;
 
     // A deploy in between must not collect the blobs uploaded for the coming document.
     let r = agent.deploy(

@@ -189,12 +189,6 @@ fn telemetry_survives_a_broker_kill9_and_restart() -> TestResult {
     Ok(())
 }
 
-fn upload(agent: &Perchd, bytes: &[u8]) -> anyhow::Result<String> {
-    let r = agent.request("PUT", "/v1/blobs", Some(bytes.to_vec()))?;
-    assert_eq!(r.status, 201, "{}", r.body);
-    Ok(r.body["digest"].as_str().unwrap_or_default().to_string())
-}
-
 fn reported(fleet: &Receiver) -> Option<Value> {
     fleet
         .last_on(&topic("reported"))
@@ -217,8 +211,8 @@ fn desired_state_from_a_retained_topic_is_applied_and_bad_ones_are_reported() ->
     };
     let agent_dir = dir.path().join("agent");
     let mut agent = Perchd::start(&agent_dir, launch.clone())?;
-    let timer = upload(&agent, &examples::bytes(examples::TIMER))?;
-    let noop = upload(&agent, &examples::bytes(examples::NOOP))?;
+    let timer = agent.upload_blob(&examples::bytes(examples::TIMER))?;
+    let noop = agent.upload_blob(&examples::bytes(examples::NOOP))?;
     let doc = |revision: u64, components: Value| {
         serde_json::to_vec(&json!({ "revision": revision, "components": components }))
     };

@@ -28,6 +28,18 @@ fn outbox(agent: &Perchd) -> anyhow::Result<Value> {
     Ok(agent.get("/v1/status")?["outbox"].clone())
 }
 
+/// Waits until `total` records were appended, none is left in the outbox and the link is
+/// up; returns the status.
+fn wait_drained(agent: &Perchd, total: u64, timeout: Duration) -> anyhow::Result<Value> {
+    agent.wait_for(timeout, "the backlog to drain", |a| {
+        let s = a.get("/v1/status")?;
+        let done = s["outbox"]["last-seq"].as_u64() >= Some(total)
+            && s["outbox"]["backlog"].as_u64() == Some(0)
+            && s["sync"]["link"] == "connected";
+        Ok(done.then_some(s))
+    })
+}
+
 fn sync_config(url: &str, domain: Option<&str>) -> String {
     let domain = domain.map_or(String::new(), |d| format!("domain = \"{d}\"\n"));
     format!("[sync]\ndevice = \"{DEVICE}\"\nurl = \"{url}\"\n{domain}heartbeat = \"1s\"\n")
@@ -198,13 +210,7 @@ fn direct_link_resends_after_a_broker_restart_without_duplicates() -> TestResult
     })?;
 
     hub.restart()?;
-    let s = agent.wait_for(Duration::from_secs(90), "the backlog to drain", |a| {
-        let s = a.get("/v1/status")?;
-        let done = s["outbox"]["last-seq"].as_u64() >= Some(TOTAL)
-            && s["outbox"]["backlog"].as_u64() == Some(0)
-            && s["sync"]["link"] == "connected";
-        Ok(done.then_some(s))
-    })?;
+    let s = wait_drained(&agent, TOTAL, Duration::from_secs(90))?;
     assert!(s["sync"]["connects"].as_u64() >= Some(2), "{s}");
     let metrics = agent.request("GET", "/metrics", None)?.body;
     let metrics = metrics.as_str().unwrap_or_default();
@@ -237,12 +243,6 @@ fn a_bad_sync_section_is_a_config_error() -> TestResult {
         "{log}"
     );
     Ok(())
-}
-
-fn upload(agent: &Perchd, bytes: &[u8]) -> anyhow::Result<String> {
-    let r = agent.request("PUT", "/v1/blobs", Some(bytes.to_vec()))?;
-    assert_eq!(r.status, 201, "{}", r.body);
-    Ok(r.body["digest"].as_str().unwrap_or_default().to_string())
 }
 
 fn reported(hub: &JsApi) -> anyhow::Result<Option<Value>> {
@@ -279,17 +279,14 @@ fn desired_state_from_the_hub_is_applied_after_reconnect_and_bad_ones_are_reject
     )?;
     // Artifacts are in the device's cache (fetching them by digest from the fleet's object
     // store is a later step of the protocol).
-    let timer = upload(&agent, &examples::bytes(examples::TIMER))?;
-    let noop = upload(&agent, &examples::bytes(examples::NOOP))?;
-    let thermostat = upload(
-        &agent,
-        &artifact(
-            examples::THERMOSTAT,
-            &repo_root().join("examples/thermostat/Cargo.toml"),
-            None,
-            |_| {},
-        )?,
-    )?;
+    let timer = agent.upload_blob(&examples::bytes(examples::TIMER))?;
+    let noop = agent.upload_blob(&examples::bytes(examples::NOOP))?;
+    let thermostat = agent.upload_blob(&artifact(
+        examples::THERMOSTAT,
+        &repo_root().join("examples/thermostat/Cargo.toml"),
+        None,
+        |_| {},
+    )?)?;
 
     let doc = |revision: u64, components: Value| {
         serde_json::to_vec(&json!({ "revision": revision, "components": components }))
@@ -443,13 +440,7 @@ fn a_flapping_link_loses_nothing_and_memory_stays_flat() -> TestResult {
         }
     }
     let rss_after_20 = rss(&agent)?;
-    let s = agent.wait_for(Duration::from_secs(120), "the backlog to drain", |a| {
-        let s = a.get("/v1/status")?;
-        let done = s["outbox"]["last-seq"].as_u64() >= Some(TOTAL)
-            && s["outbox"]["backlog"].as_u64() == Some(0)
-            && s["sync"]["link"] == "connected";
-        Ok(done.then_some(s))
-    })?;
+    let s = wait_drained(&agent, TOTAL, Duration::from_secs(120))?;
     // The client reconnected after every cut (it may ride out a short cut inside one sync
     // session: publishes wait for the reconnection, resends are deduplicated).
     assert!(
