@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+pub mod files;
 pub mod mqtt;
 pub mod nats;
 pub mod proxy;

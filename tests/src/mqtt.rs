@@ -185,6 +185,7 @@ pub struct Received {
     pub retain: bool,
     pub dup: bool,
     pub user_properties: Vec<(String, String)>,
+    pub correlation: Option<Vec<u8>>,
 }
 
 impl Received {
@@ -274,6 +275,11 @@ impl Receiver {
                                 payload: p.payload.to_vec(),
                                 retain: p.retain,
                                 dup: p.dup,
+                                correlation: p
+                                    .properties
+                                    .as_ref()
+                                    .and_then(|p| p.correlation_data.as_ref())
+                                    .map(|c| c.to_vec()),
                                 user_properties: p
                                     .properties
                                     .map(|p| p.user_properties)
@@ -326,6 +332,35 @@ impl Receiver {
                 self.client
                     .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()),
             )
+            .with_context(|| format!("publish to {topic}"))?;
+        self.wait(Duration::from_secs(10), "a PUBACK", |s| s.pubacks > before)
+    }
+
+    /// Publishes a command the MQTT 5 way: QoS 1, with a response topic, correlation
+    /// data and a `perch-cmd-id` user property; waits for the broker's PUBACK.
+    pub fn request(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        response_topic: &str,
+        correlation: &[u8],
+        id: &str,
+    ) -> Result<()> {
+        let before = self.lock().pubacks;
+        let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            response_topic: Some(response_topic.to_string()),
+            correlation_data: Some(correlation.to_vec().into()),
+            user_properties: vec![("perch-cmd-id".to_string(), id.to_string())],
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.client.publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload.to_vec(),
+                properties,
+            ))
             .with_context(|| format!("publish to {topic}"))?;
         self.wait(Duration::from_secs(10), "a PUBACK", |s| s.pubacks > before)
     }

@@ -195,6 +195,55 @@ impl JsApi {
         Ok(serde_json::from_slice(&reply.payload)?)
     }
 
+    /// Stores `bytes` as object `name` of object store `bucket` (created if missing) with
+    /// the client library's own object store, as the fleet's tools would.
+    pub fn put_object(&self, bucket: &str, name: &str, bytes: &[u8]) -> Result<()> {
+        use async_nats::jetstream::object_store;
+        self.rt.block_on(async {
+            let js = async_nats::jetstream::new(self.client.clone());
+            let store = match js.get_object_store(bucket).await {
+                Ok(s) => s,
+                Err(_) => js
+                    .create_object_store(object_store::Config {
+                        bucket: bucket.to_string(),
+                        ..Default::default()
+                    })
+                    .await
+                    .with_context(|| format!("create object store {bucket}"))?,
+            };
+            store
+                .put(name, &mut &bytes[..])
+                .await
+                .with_context(|| format!("put object {name} into {bucket}"))?;
+            Ok(())
+        })
+    }
+
+    /// A core NATS request (a device command), with header `Perch-Cmd-Id` when `id` is
+    /// given; the answer parsed as JSON.
+    pub fn command(&self, subject: &str, body: &[u8], id: Option<&str>) -> Result<Value> {
+        let reply = self
+            .rt
+            .block_on(async {
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(id) = id {
+                    headers.insert("Perch-Cmd-Id", id);
+                }
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    self.client.request_with_headers(
+                        subject.to_string(),
+                        headers,
+                        body.to_vec().into(),
+                    ),
+                )
+                .await
+            })
+            .with_context(|| format!("{subject}: no answer in 10 s"))?
+            .with_context(|| format!("request {subject}"))?;
+        Ok(serde_json::from_slice(&reply.payload)?)
+    }
+
     /// One API request; an `error` in the answer is an error.
     pub fn request(&self, api: &str, body: &Value) -> Result<Value> {
         let subject = format!("{}.{api}", self.prefix);

@@ -666,3 +666,137 @@ fn mutual_tls_carries_telemetry_and_presence() -> TestResult {
     );
     Ok(())
 }
+
+/// Over MQTT artifacts come from the component's `source` URL. A download the server
+/// breaks off half-way resumes where it stopped (an HTTP `Range`), is verified and cached;
+/// a component without a source is refused with the reason. Commands published with a
+/// response topic are answered there with their correlation data, and a command repeated
+/// with the same `perch-cmd-id` runs once; a command sent while the device is offline is
+/// queued by the broker in the device's session and answered when it is back.
+#[test]
+fn artifacts_from_urls_resume_and_commands_are_answered() -> TestResult {
+    use perch_tests::files::FileServer;
+
+    let dir = tempfile::tempdir()?;
+    let broker = Mosquitto::start(&dir.path().join("mosquitto"), "")?;
+    let answers = topic("answers");
+    let fleet = Receiver::connect(broker.port, "fleet-cmd", None, &[&answers])?;
+    let files = FileServer::start()?;
+    let launch = Launch {
+        extra_config: sync_config(&broker, ""),
+        ..Launch::default()
+    };
+    let agent_dir = dir.path().join("agent");
+    let mut agent = Perchd::start(&agent_dir, launch.clone())?;
+    let doc = |revision: u64, components: Value| {
+        serde_json::to_vec(&json!({ "revision": revision, "components": components }))
+    };
+
+    let timer = examples::bytes(examples::TIMER);
+    let digest = perch_core::Digest::of(&timer).to_string();
+    files.put("/c/timer.wasm", timer.clone());
+    files.break_next(1);
+    fleet.publish(
+        &topic("desired"),
+        &doc(
+            1,
+            json!([{ "name": "timer", "digest": digest, "source": files.url("/c/timer.wasm"),
+                     "triggers": [{ "every": "100ms" }] }]),
+        )?,
+        true,
+    )?;
+    let s = agent.wait_for(Duration::from_secs(30), "revision 1 applied", |a| {
+        let s = status(a)?;
+        Ok((s["revision"] == 1 && s["sync"]["desired"]["result"] == "applied").then_some(s))
+    })?;
+    assert_eq!(s["sync"]["artifacts-fetched"], 1, "{s}");
+    let seen = files.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].range, None);
+    assert_eq!(
+        seen[1].range.as_deref(),
+        Some(format!("bytes={}-", timer.len() / 2).as_str()),
+        "the second request resumes at the break: {seen:?}"
+    );
+    assert!(agent.log().contains("resumes at the next attempt"));
+
+    // No source: over MQTT there is no object store to fall back on.
+    let noop = examples::bytes(examples::NOOP);
+    fleet.publish(
+        &topic("desired"),
+        &doc(
+            2,
+            json!([{ "name": "idle", "digest": perch_core::Digest::of(&noop).to_string(),
+                     "triggers": [{ "every": "1h" }] }]),
+        )?,
+        true,
+    )?;
+    let s = agent.wait_for(Duration::from_secs(20), "revision 2 refused", |a| {
+        let s = status(a)?;
+        Ok((s["sync"]["desired"]["revision"] == 2).then_some(s))
+    })?;
+    assert_eq!(s["sync"]["desired"]["result"], "rejected", "{s}");
+    assert!(
+        s["sync"]["desired"]["details"]
+            .to_string()
+            .contains("`source`"),
+        "{s}"
+    );
+    assert_eq!(s["revision"], 1, "{s}");
+
+    // Commands, MQTT 5 request/response.
+    let answer = |id: &str| -> anyhow::Result<Value> {
+        let m = fleet.wait_for(Duration::from_secs(20), "the answer", |ms| {
+            ms.iter().any(|m| m.property("perch-cmd-id") == Some(id))
+        })?;
+        let m = m
+            .iter()
+            .rev()
+            .find(|m| m.property("perch-cmd-id") == Some(id))
+            .expect("found");
+        assert_eq!(m.correlation.as_deref(), Some(id.as_bytes()), "{m:?}");
+        Ok(serde_json::from_slice(&m.payload)?)
+    };
+    fleet.request(&topic("cmd/status"), b"", &answers, b"c-1", "c-1")?;
+    let r = answer("c-1")?;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["revision"], 1, "{r}");
+    fleet.request(
+        &topic("cmd/remove"),
+        br#"{"name":"timer"}"#,
+        &answers,
+        b"c-2",
+        "c-2",
+    )?;
+    assert_eq!(answer("c-2")?["ok"], true);
+    fleet.request(
+        &topic("cmd/remove"),
+        br#"{"name":"timer"}"#,
+        &answers,
+        b"c-2",
+        "c-2",
+    )?;
+    fleet.wait_for(Duration::from_secs(20), "the second answer", |ms| {
+        ms.iter()
+            .filter(|m| m.property("perch-cmd-id") == Some("c-2"))
+            .count()
+            == 2
+    })?;
+    let twice: Vec<Value> = fleet
+        .messages()
+        .iter()
+        .filter(|m| m.property("perch-cmd-id") == Some("c-2"))
+        .map(|m| serde_json::from_slice(&m.payload))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(twice[0], twice[1], "a repeated id runs once");
+
+    // Offline: the broker queues the command in the device's session.
+    agent.stop()?;
+    fleet.request(&topic("cmd/components"), b"", &answers, b"c-3", "c-3")?;
+    agent = Perchd::start(&agent_dir, launch)?;
+    let r = answer("c-3")?;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"], json!([]), "{r}");
+    drop(agent);
+    Ok(())
+}

@@ -13,13 +13,15 @@ type TestResult = anyhow::Result<()>;
 
 const DEVICE: &str = "gw-1";
 
-fn burst(total: u64) -> anyhow::Result<Vec<u8>> {
+/// The burst component publishing 1..=`total`, `batch` every 10 ms.
+fn burst(total: u64, batch: u64) -> anyhow::Result<Vec<u8>> {
     artifact(
         examples::BURST,
         &repo_root().join("fixtures/burst/Cargo.toml"),
         None,
         |m| {
             m.config.insert("total".into(), total.to_string());
+            m.config.insert("batch".into(), batch.to_string());
         },
     )
 }
@@ -143,7 +145,7 @@ fn leaf_node_backlog_reaches_the_hub_after_an_outage_and_a_kill9() -> TestResult
         ..Launch::default()
     };
     let mut agent = Perchd::start(&agent_dir, launch.clone())?;
-    let r = agent.deploy_artifact(&burst(TOTAL)?)?;
+    let r = agent.deploy_artifact(&burst(TOTAL, 200)?)?;
     assert_eq!(r.status, 201, "{}", r.body);
     agent.wait_for(Duration::from_secs(60), "4,000 records", |a| {
         Ok((outbox(a)?["last-seq"].as_u64() >= Some(4_000)).then_some(()))
@@ -191,7 +193,8 @@ fn direct_link_resends_after_a_broker_restart_without_duplicates() -> TestResult
             ..Launch::default()
         },
     )?;
-    let r = agent.deploy_artifact(&burst(TOTAL)?)?;
+    // 500 records a second at most: the broker goes away while the component publishes.
+    let r = agent.deploy_artifact(&burst(TOTAL, 5)?)?;
     assert_eq!(r.status, 201, "{}", r.body);
     agent.wait_for(Duration::from_secs(60), "1,000 records sent", |a| {
         let s = a.get("/v1/status")?;
@@ -455,5 +458,147 @@ fn a_flapping_link_loses_nothing_and_memory_stays_flat() -> TestResult {
     );
     let messages = api.all_messages("PERCH_TELEMETRY")?;
     check_burst(&messages, TOTAL, 0);
+    Ok(())
+}
+
+/// Artifacts by digest from the hub's `perch-components` object store, across the leaf
+/// connection: a desired state naming an object not uploaded yet is rejected and tried
+/// again until the object is there, then applied without a new revision; bytes that do not
+/// hash to their name, or hash right but are no component, are refused before they reach
+/// the cache. Commands sent from the hub are answered by the device.
+#[test]
+fn artifacts_come_from_the_hub_object_store_and_commands_are_answered() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let nats_dir = dir.path().join("nats");
+    let hub = NatsServer::hub(&nats_dir)?;
+    let leaf = NatsServer::leaf(&nats_dir, &hub, "gw1")?;
+    let api = JsApi::connect(&hub.url(), None)?;
+    api.create_kv("perch-desired", None)?;
+    api.create_kv("perch-reported", Some("gw1"))?;
+    let key = format!("$KV.perch-desired.{DEVICE}");
+    let agent = Perchd::start(
+        &dir.path().join("agent"),
+        Launch {
+            extra_config: sync_config(&leaf.url(), Some("gw1")),
+            ..Launch::default()
+        },
+    )?;
+    let doc = |revision: u64, components: Value| {
+        serde_json::to_vec(&json!({ "revision": revision, "components": components }))
+    };
+    let desired_of =
+        |a: &Perchd| -> anyhow::Result<Value> { Ok(a.get("/v1/status")?["sync"].clone()) };
+
+    // Revision 1 names the timer, which the fleet has not uploaded yet.
+    let timer = examples::bytes(examples::TIMER);
+    let timer_digest = perch_core::Digest::of(&timer).to_string();
+    api.put(
+        &key,
+        &doc(
+            1,
+            json!([{ "name": "timer", "digest": timer_digest, "triggers": [{ "every": "100ms" }] }]),
+        )?,
+    )?;
+    let s = agent.wait_for(Duration::from_secs(20), "revision 1 waiting", |a| {
+        let s = desired_of(a)?;
+        Ok((s["desired"]["revision"] == 1).then_some(s))
+    })?;
+    assert_eq!(s["desired"]["result"], "rejected", "{s}");
+    assert_eq!(s["desired"]["retrying"], true, "{s}");
+    assert!(
+        s["desired"]["details"]
+            .to_string()
+            .contains("component `timer`"),
+        "{s}"
+    );
+    assert_eq!(agent.get("/v1/status")?["revision"], 0);
+
+    // The fleet uploads it: the same document is applied at the next poll.
+    api.put_object("perch-components", &timer_digest, &timer)?;
+    let s = agent.wait_for(Duration::from_secs(20), "revision 1 applied", |a| {
+        let s = a.get("/v1/status")?;
+        Ok((s["revision"] == 1 && s["sync"]["desired"]["result"] == "applied").then_some(s))
+    })?;
+    assert_eq!(s["sync"]["artifacts-fetched"], 1, "{s}");
+    assert_eq!(s["sync"]["artifact-bytes"], timer.len() as u64, "{s}");
+    agent.wait_for(Duration::from_secs(20), "timer ticks", |a| {
+        Ok((a.component("timer")?["invocations"].as_u64() >= Some(2)).then_some(()))
+    })?;
+
+    // An object whose bytes hash to something else than its name: refused for good.
+    let noop = examples::bytes(examples::NOOP);
+    let liar = perch_core::Digest::of(b"something else").to_string();
+    api.put_object("perch-components", &liar, &noop)?;
+    api.put(
+        &key,
+        &doc(
+            2,
+            json!([{ "name": "timer", "digest": timer_digest, "triggers": [{ "every": "100ms" }] },
+                   { "name": "idle", "digest": liar, "triggers": [{ "every": "1h" }] }]),
+        )?,
+    )?;
+    let s = agent.wait_for(Duration::from_secs(20), "revision 2 refused", |a| {
+        let s = desired_of(a)?;
+        Ok((s["desired"]["revision"] == 2).then_some(s))
+    })?;
+    assert_eq!(s["desired"]["result"], "rejected", "{s}");
+    assert_eq!(s["desired"].get("retrying"), None, "{s}");
+    assert!(
+        s["desired"]["details"].to_string().contains("hash to"),
+        "{s}"
+    );
+
+    // Bytes that hash right but are no component: refused before they are cached.
+    let junk = b"these bytes are not a wasm component".repeat(100);
+    let junk_digest = perch_core::Digest::of(&junk).to_string();
+    api.put_object("perch-components", &junk_digest, &junk)?;
+    let junk_doc = doc(
+        3,
+        json!([{ "name": "junk", "digest": junk_digest, "triggers": [{ "every": "1h" }] }]),
+    )?;
+    api.put(&key, &junk_doc)?;
+    let s = agent.wait_for(Duration::from_secs(20), "revision 3 refused", |a| {
+        let s = desired_of(a)?;
+        Ok((s["desired"]["revision"] == 3).then_some(s))
+    })?;
+    assert_eq!(s["desired"]["result"], "rejected", "{s}");
+    assert!(
+        s["desired"]["details"].to_string().contains("`junk`"),
+        "{s}"
+    );
+    let local = agent.request("PUT", "/v1/desired", Some(junk_doc))?;
+    assert_eq!(local.status, 422, "{local:?}");
+    assert!(
+        local.body.to_string().contains("not in the cache"),
+        "{local:?}"
+    );
+    assert_eq!(agent.get("/v1/status")?["revision"], 1);
+    assert_eq!(agent.component("timer")?["state"], "running");
+
+    // Commands from the hub reach the device through its leaf node.
+    let cmd = |op: &str| format!("perch.v1.{DEVICE}.cmd.{op}");
+    let r = api.command(&cmd("status"), b"", None)?;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["revision"], 1, "{r}");
+    let r = api.command(&cmd("logs"), b"{}", None)?;
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["kind"], "bad-request", "{r}");
+    assert!(
+        r["error"]["message"].to_string().contains("needs `name`"),
+        "{r}"
+    );
+    let r = api.command(&cmd("reboot"), b"", None)?;
+    assert_eq!(r["error"]["kind"], "not-found", "{r}");
+    // The same command id twice runs once: the second gets the first answer (running
+    // `remove` again would answer "not found").
+    let body = br#"{"name": "timer"}"#;
+    let first = api.command(&cmd("remove"), body, Some("fleet-42"))?;
+    assert_eq!(first["ok"], true, "{first}");
+    let again = api.command(&cmd("remove"), body, Some("fleet-42"))?;
+    assert_eq!(again, first);
+    let r = api.command(&cmd("components"), b"", None)?;
+    assert_eq!(r["result"], json!([]), "{r}");
+    let s = agent.get("/v1/status")?;
+    assert!(s["sync"]["commands"].as_u64() >= Some(6), "{s}");
     Ok(())
 }

@@ -20,7 +20,7 @@ use perch_core::spec::Limits;
 use perch_core::{Command, CommandError, CommandHandler, Digest, ErrorKind, Reply, Trigger};
 
 /// Largest request body accepted (component uploads).
-pub const MAX_UPLOAD: usize = 64 << 20;
+pub const MAX_UPLOAD: usize = perch_core::MAX_COMPONENT_BYTES;
 /// Default number of log lines returned.
 pub const DEFAULT_LOG_LIMIT: usize = 100;
 

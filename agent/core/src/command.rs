@@ -276,6 +276,12 @@ pub struct SyncStatus {
     pub last_error: Option<String>,
     /// The last desired state received from the fleet and what became of it.
     pub desired: Option<DesiredOutcome>,
+    /// Component artifacts fetched from the fleet (object store or URL) since start.
+    pub artifacts_fetched: u64,
+    /// Their bytes.
+    pub artifact_bytes: u64,
+    /// Commands from the fleet answered since start.
+    pub commands: u64,
 }
 
 /// What became of a desired state received from the fleet.
@@ -284,8 +290,12 @@ pub struct SyncStatus {
 pub struct DesiredOutcome {
     /// Its revision (none if it could not be read).
     pub revision: Option<u64>,
-    /// `applied` or `rejected`.
+    /// `applied` or `rejected`. A document rejected because an artifact could not be
+    /// fetched yet is tried again at each heartbeat (`retrying`).
     pub result: String,
+    /// Whether the same document is tried again (an artifact that may still arrive).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retrying: bool,
     /// Why it was rejected; the running set was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -402,4 +412,159 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait CommandHandler: Send + Sync + 'static {
     /// Executes one command.
     fn handle(&self, command: Command) -> BoxFuture<'_, Result<Reply, CommandError>>;
+}
+
+/// Commands the fleet may send over the sync link (`perch.v1.<device>.cmd.<op>`), with the
+/// body each takes. Reads, plus removing a component and setting a simulated input; a
+/// component is deployed through the desired state, never by command.
+pub const REMOTE_OPS: &[(&str, &str)] = &[
+    ("health", "(none)"),
+    ("status", "(none)"),
+    ("components", "(none)"),
+    ("component", r#"{"name": "<component>"}"#),
+    ("logs", r#"{"name": "<component>", "limit": 100}"#),
+    ("desired", "(none)"),
+    ("telemetry", r#"{"limit": 100}"#),
+    ("metrics", "(none)"),
+    ("remove", r#"{"name": "<component>"}"#),
+    ("gpio-input", r#"{"line": "<line>", "high": true}"#),
+];
+
+/// Lines and records a remote `logs` or `telemetry` returns when `limit` is not given.
+pub const REMOTE_DEFAULT_LIMIT: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RemoteArgs {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    line: Option<String>,
+    #[serde(default)]
+    high: Option<bool>,
+}
+
+impl Command {
+    /// The command for fleet operation `op` with JSON body `body` (empty for none). Every
+    /// mistake is a [`ErrorKind::BadRequest`] (an unknown operation: [`ErrorKind::NotFound`])
+    /// naming what was wrong and what is expected.
+    pub fn remote(op: &str, body: &[u8]) -> Result<Self, CommandError> {
+        let bad = |m: String| CommandError::new(ErrorKind::BadRequest, m);
+        let Some((_, usage)) = REMOTE_OPS.iter().find(|(name, _)| *name == op) else {
+            let known: Vec<&str> = REMOTE_OPS.iter().map(|(n, _)| *n).collect();
+            return Err(CommandError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "unknown command `{op}`: expected one of {}",
+                    known.join(", ")
+                ),
+            ));
+        };
+        let blank = body.iter().all(u8::is_ascii_whitespace);
+        let args: RemoteArgs = if blank {
+            RemoteArgs {
+                name: None,
+                limit: None,
+                line: None,
+                high: None,
+            }
+        } else {
+            serde_json::from_slice(body).map_err(|e| {
+                bad(format!(
+                    "command `{op}`: the body is not valid: {e}; expected {usage}"
+                ))
+            })?
+        };
+        let takes: &[&str] = match op {
+            "component" | "remove" => &["name"],
+            "logs" => &["name", "limit"],
+            "telemetry" => &["limit"],
+            "gpio-input" => &["line", "high"],
+            _ => &[],
+        };
+        for (field, given) in [
+            ("name", args.name.is_some()),
+            ("limit", args.limit.is_some()),
+            ("line", args.line.is_some()),
+            ("high", args.high.is_some()),
+        ] {
+            if given && !takes.contains(&field) {
+                return Err(bad(format!(
+                    "command `{op}` takes no `{field}`: expected {usage}"
+                )));
+            }
+        }
+        let need = |v: Option<String>, field: &str| {
+            v.ok_or_else(|| bad(format!("command `{op}` needs `{field}`: expected {usage}")))
+        };
+        let limit = args.limit.unwrap_or(REMOTE_DEFAULT_LIMIT);
+        Ok(match op {
+            "health" => Command::Health,
+            "status" => Command::Status,
+            "components" => Command::ListComponents,
+            "component" => Command::GetComponent {
+                name: need(args.name, "name")?,
+            },
+            "logs" => Command::Logs {
+                name: need(args.name, "name")?,
+                limit,
+            },
+            "desired" => Command::GetDesired,
+            "telemetry" => Command::Telemetry { limit },
+            "metrics" => Command::Metrics,
+            "remove" => Command::RemoveComponent {
+                name: need(args.name, "name")?,
+            },
+            "gpio-input" => Command::SetGpioInput {
+                line: need(args.line, "line")?,
+                high: args
+                    .high
+                    .ok_or_else(|| bad(format!("command `{op}` needs `high`: expected {usage}")))?,
+            },
+            _ => unreachable!("every op in REMOTE_OPS is matched"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod remote_tests {
+    use super::*;
+
+    #[test]
+    fn every_remote_op_parses_from_its_usage() {
+        for (op, usage) in REMOTE_OPS {
+            let body = if usage.starts_with('{') {
+                usage
+                    .replace("<component>", "thermostat")
+                    .replace("<line>", "button")
+            } else {
+                String::new()
+            };
+            Command::remote(op, body.as_bytes()).unwrap_or_else(|e| panic!("{op}: {e}"));
+        }
+        assert!(matches!(
+            Command::remote("logs", br#"{"name":"t"}"#),
+            Ok(Command::Logs {
+                limit: REMOTE_DEFAULT_LIMIT,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn remote_mistakes_name_what_was_wrong() {
+        let e = Command::remote("reboot", b"").expect_err("unknown");
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.message.contains("unknown command `reboot`") && e.message.contains("status"));
+        let e = Command::remote("logs", b"").expect_err("no name");
+        assert!(e.message.contains("needs `name`"), "{e}");
+        let e = Command::remote("status", br#"{"name":"x"}"#).expect_err("extra");
+        assert!(e.message.contains("takes no `name`"), "{e}");
+        let e = Command::remote("logs", br#"{"nmae":"x"}"#).expect_err("typo");
+        assert!(e.message.contains("unknown field `nmae`"), "{e}");
+        let e = Command::remote("gpio-input", br#"{"line":"b"}"#).expect_err("no level");
+        assert!(e.message.contains("needs `high`"), "{e}");
+    }
 }

@@ -22,3 +22,6 @@ pub use units::{ByteSize, HumanDuration};
 
 /// The agent's version, reported by the API.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Largest component artifact the agent takes, uploaded or fetched.
+pub const MAX_COMPONENT_BYTES: usize = 64 << 20;

@@ -42,6 +42,9 @@ pub enum SpecError {
     /// component `{component}`: limit `instances` must be between 1 and {max}
     #[error("component `{component}`: limit `instances` must be between 1 and {max}")]
     Instances { component: String, max: u32 },
+    /// component `{component}`: source `{url}` must be an http:// or https:// URL
+    #[error("component `{component}`: source `{url}` must be an http:// or https:// URL")]
+    Source { component: String, url: String },
 }
 
 /// One way a component gets invoked.
@@ -334,6 +337,12 @@ pub struct ComponentSpec {
     pub name: String,
     /// sha256 of the component's bytes.
     pub digest: Digest,
+    /// Where to fetch the bytes when the cache lacks them: an `http://` or `https://` URL.
+    /// Without it a device linked over NATS fetches them by digest from the fleet's
+    /// `perch-components` object store (`docs/protocol.md`). The bytes must hash to
+    /// `digest` whatever their source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// How it is invoked. May be left empty in a submitted document when the component's
     /// manifest lists its triggers.
     #[serde(default)]
@@ -451,6 +460,17 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
     }
 }
 
+/// Whether `s` is an `http://` or `https://` URL with a host.
+pub fn is_http_url(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"));
+    rest.is_some_and(|r| {
+        let host = r.split(['/', '?', '#']).next().unwrap_or_default();
+        !host.is_empty() && !host.contains(char::is_whitespace) && !r.contains(char::is_whitespace)
+    })
+}
+
 impl ComponentSpec {
     /// Validates the name, triggers and limits, returning every problem found.
     pub fn validate(&self) -> Vec<SpecError> {
@@ -482,6 +502,14 @@ impl ComponentSpec {
             errors.push(SpecError::Instances {
                 component: self.name.clone(),
                 max: MAX_INSTANCES_PER_COMPONENT,
+            });
+        }
+        if let Some(source) = &self.source
+            && !is_http_url(source)
+        {
+            errors.push(SpecError::Source {
+                component: self.name.clone(),
+                url: source.clone(),
             });
         }
         errors
@@ -568,11 +596,34 @@ mod tests {
         ComponentSpec {
             name: name.into(),
             digest: Digest::of(name.as_bytes()),
+            source: None,
             triggers,
             limits: Limits::default(),
             grants: None,
             config: BTreeMap::new(),
             signer: None,
+        }
+    }
+
+    #[test]
+    fn a_source_must_be_an_http_url() {
+        let mut c = spec("thermostat", vec![Trigger::Startup]);
+        for ok in [
+            "https://fleet.example/c/t.wasm",
+            "http://127.0.0.1:8080/x?d=1",
+        ] {
+            c.source = Some(ok.into());
+            assert!(c.validate().is_empty(), "{ok}");
+        }
+        for bad in ["ftp://x/y", "https://", "/local/path", "https://a b/c"] {
+            c.source = Some(bad.into());
+            let e = c.validate();
+            assert_eq!(e.len(), 1, "{bad}");
+            assert!(
+                e[0].to_string().contains(&format!("source `{bad}`")),
+                "{}",
+                e[0]
+            );
         }
     }
 

@@ -245,23 +245,9 @@ impl Agent {
             "desired state restored from the local store"
         );
         if let Some(sync_config) = &agent.config.sync {
-            // The reporter holds a weak handle: the sync loop must not keep the agent alive.
-            let weak = Arc::downgrade(&agent);
-            let reporter: perch_sync::Reporter = Arc::new(move || {
-                weak.upgrade()
-                    .map_or(serde_json::Value::Null, |a| a.reported())
-            });
-            let weak = Arc::downgrade(&agent);
-            let applier: perch_sync::Applier = Arc::new(move |input: DesiredInput| {
-                let agent = weak.upgrade();
-                Box::pin(async move {
-                    let agent = agent.ok_or_else(|| {
-                        CommandError::new(ErrorKind::Unavailable, "the agent is shutting down")
-                    })?;
-                    agent.apply(input).await.map(drop)
-                })
-            });
-            let sync = perch_sync::Link::start(sync_config, agent.store.clone(), reporter, applier)
+            // A weak handle: the sync loop must not keep the agent alive.
+            let device = Arc::new(SyncDevice(Arc::downgrade(&agent)));
+            let sync = perch_sync::Link::start(sync_config, agent.store.clone(), device)
                 .map_err(|e| StartError::Sync(e.to_string()))?;
             let _ = agent.sync.set(sync);
         }
@@ -457,6 +443,7 @@ impl Agent {
         let mut spec = ComponentSpec {
             name: name.clone(),
             digest,
+            source: None,
             triggers,
             limits,
             grants: None,
@@ -722,7 +709,25 @@ impl Agent {
                 "perch_sync_last_ack_timestamp_ms",
                 "When the broker last acknowledged outbox records (Unix ms, 0: never).",
                 "gauge",
-                vec![(label, sync.last_sync_ms.unwrap_or(0))],
+                vec![(label.clone(), sync.last_sync_ms.unwrap_or(0))],
+            );
+            gauge(
+                "perch_sync_artifacts_fetched_total",
+                "Component artifacts fetched from the fleet since the agent started.",
+                "counter",
+                vec![(label.clone(), sync.artifacts_fetched)],
+            );
+            gauge(
+                "perch_sync_artifact_bytes_total",
+                "Bytes of the component artifacts fetched from the fleet.",
+                "counter",
+                vec![(label.clone(), sync.artifact_bytes)],
+            );
+            gauge(
+                "perch_sync_commands_total",
+                "Commands from the fleet answered since the agent started.",
+                "counter",
+                vec![(label, sync.commands)],
             );
         }
         gauge(
@@ -805,6 +810,62 @@ impl Agent {
 
 /// Loads the journaled desired state, falling back to the previous revision if the current
 /// one is unreadable. Never fails: an empty state is a valid start.
+/// The agent as the sync link sees it.
+struct SyncDevice(std::sync::Weak<Agent>);
+
+impl SyncDevice {
+    fn agent(&self) -> Result<Arc<Agent>, CommandError> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| CommandError::new(ErrorKind::Unavailable, "the agent is shutting down"))
+    }
+}
+
+impl perch_sync::Device for SyncDevice {
+    fn reported(&self) -> serde_json::Value {
+        self.0
+            .upgrade()
+            .map_or(serde_json::Value::Null, |a| a.reported())
+    }
+
+    fn applied_revision(&self) -> u64 {
+        self.0
+            .upgrade()
+            .map_or(0, |a| a.revision.load(Ordering::Relaxed))
+    }
+
+    fn apply(&self, input: DesiredInput) -> BoxFuture<'static, Result<(), CommandError>> {
+        let agent = self.agent();
+        Box::pin(async move { agent?.apply(input).await.map(drop) })
+    }
+
+    fn admit(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let agent = self.agent().map_err(|e| e.message)?;
+        agent
+            .open_artifact(name, bytes)
+            .map(drop)
+            .map_err(|e| e.message)
+    }
+
+    fn command(
+        &self,
+        op: String,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<serde_json::Value, CommandError>> {
+        let agent = self.agent();
+        Box::pin(async move {
+            let agent = agent?;
+            let command = Command::remote(&op, &body)?;
+            let reply = agent.handle(command).await?;
+            Ok(match reply {
+                // Metrics are text; everything else is JSON already.
+                Reply::Metrics(text) => serde_json::Value::String(text),
+                other => serde_json::to_value(other).map_err(internal)?,
+            })
+        })
+    }
+}
+
 fn restore_desired(store: &dyn Store) -> DesiredState {
     let journal = match store.journal() {
         Ok(j) => j,

@@ -11,13 +11,19 @@
 //! property) so that JetStream drops a resend of a record it already holds (a lost ack, an
 //! agent killed between ack and delete) and MQTT receivers can.
 //!
+//! The fleet's desired state is fetched and watched; the component artifacts it names and
+//! the cache lacks are fetched ([`artifact`]) and verified before the agent switches. The
+//! fleet's commands (`cmd.<op>`) are answered by the agent ([`Device::command`]).
+//!
 //! The loop never gives up: a failed connect or publish backs off (100 ms doubling to 5 s)
 //! and starts again from what the outbox still holds.
 
+pub mod artifact;
 pub mod mqtt;
 pub mod nats;
 pub mod subjects;
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,12 +31,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use perch_core::Digest;
 use perch_core::command::{
     CommandError, DesiredInput, DesiredOutcome, ErrorKind, LinkState, SyncStatus,
 };
 use perch_core::config::{SyncConfig, SyncTransport};
 use perch_store::{OutboxRecord, Store};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use crate::artifact::{FetchError, Partial, Progress};
 
 /// First delay after a failed attempt.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -38,6 +47,11 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Outbox records read per publish call, in windows.
 const READ_WINDOWS: usize = 4;
+/// Answers kept by command id, so a command delivered twice (MQTT QoS 1 after a
+/// reconnect, a NATS requester retrying with the same id) runs once.
+const ANSWERS_KEPT: usize = 64;
+/// Commands running at once; more wait in the transport.
+const COMMANDS_AT_ONCE: usize = 8;
 
 /// Why the link failed. Messages name the broker and what was being done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,15 +104,121 @@ pub trait Transport: Send + 'static {
 
     /// Documents put while connected, as they arrive (ends when the link drops).
     fn watch_desired(&mut self) -> BoxFuture<'_, Result<BoxStream<'static, Vec<u8>>, SyncError>>;
+
+    /// Fetches artifact `digest` from the fleet's own store into `partial`, going on from
+    /// what it holds. Transports without a store refuse: their components need a `source`.
+    fn fetch_artifact<'a>(
+        &'a mut self,
+        digest: &'a Digest,
+        partial: &'a mut Partial,
+        progress: &'a mut Progress,
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        let _ = (digest, partial, progress);
+        let name = self.name();
+        Box::pin(async move {
+            Err(FetchError::permanent(format!(
+                "over {name} artifacts are fetched from the component's `source` URL, and it has none"
+            )))
+        })
+    }
+
+    /// The fleet's commands, as they arrive (ends when the link drops).
+    fn commands(&mut self) -> BoxFuture<'_, Result<BoxStream<'static, Request>, SyncError>>;
+
+    /// Sends the answer to a command.
+    fn reply<'a>(
+        &'a mut self,
+        to: &'a ReplyTo,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), SyncError>>;
 }
 
-/// Applies a desired state received from the fleet: the agent validates it fully and
-/// switches to it, or keeps what runs and says why.
-pub type Applier =
-    Arc<dyn Fn(DesiredInput) -> BoxFuture<'static, Result<(), CommandError>> + Send + Sync>;
+/// A device that runs nothing: reports `null`, refuses desired states and commands.
+/// For benchmarks and tools that only drain an outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Idle;
 
-/// What the agent reports upstream with each heartbeat and reported-state put.
-pub type Reporter = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+impl Device for Idle {
+    fn reported(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    fn applied_revision(&self) -> u64 {
+        0
+    }
+
+    fn apply(&self, _: DesiredInput) -> BoxFuture<'static, Result<(), CommandError>> {
+        Box::pin(async {
+            Err(CommandError::new(
+                ErrorKind::Unavailable,
+                "this device runs no components",
+            ))
+        })
+    }
+
+    fn admit(&self, _: &str, _: &[u8]) -> Result<(), String> {
+        Err("this device runs no components".into())
+    }
+
+    fn command(
+        &self,
+        op: String,
+        _: Vec<u8>,
+    ) -> BoxFuture<'static, Result<serde_json::Value, CommandError>> {
+        Box::pin(async move {
+            Err(CommandError::new(
+                ErrorKind::Unavailable,
+                format!("this device answers no commands (`{op}`)"),
+            ))
+        })
+    }
+}
+
+/// A command from the fleet: `cmd.<op>` with a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The operation, the last subject token or topic level.
+    pub op: String,
+    /// Its JSON arguments (may be empty).
+    pub body: Vec<u8>,
+    /// Where the answer goes.
+    pub reply_to: ReplyTo,
+}
+
+/// Where a command's answer goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The reply subject (NATS) or response topic (MQTT).
+    pub address: String,
+    /// MQTT correlation data, echoed.
+    pub correlation: Option<Vec<u8>>,
+    /// The command's id (`Perch-Cmd-Id` header, `perch-cmd-id` user property), echoed;
+    /// a second command with the same id gets the first one's answer without running.
+    pub id: Option<String>,
+}
+
+/// The agent as the link sees it.
+pub trait Device: Send + Sync + 'static {
+    /// The reported state sent upstream with each heartbeat and reported-state put.
+    fn reported(&self) -> serde_json::Value;
+
+    /// The revision of the desired state running now.
+    fn applied_revision(&self) -> u64;
+
+    /// Validates a desired state fully and switches to it, or keeps what runs and says why.
+    fn apply(&self, input: DesiredInput) -> BoxFuture<'static, Result<(), CommandError>>;
+
+    /// Checks a fetched artifact before it is cached (signature, manifest); the error says
+    /// why it is refused.
+    fn admit(&self, name: &str, bytes: &[u8]) -> Result<(), String>;
+
+    /// Runs fleet command `op` (see [`perch_core::command::REMOTE_OPS`]).
+    fn command(
+        &self,
+        op: String,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<serde_json::Value, CommandError>>;
+}
 
 /// Shared state of the link, read by the API and metrics.
 #[derive(Debug)]
@@ -109,6 +229,9 @@ pub struct SyncState {
     inner: Mutex<Inner>,
     sent: AtomicU64,
     connects: AtomicU64,
+    artifacts_fetched: AtomicU64,
+    artifact_bytes: AtomicU64,
+    commands: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -141,6 +264,9 @@ impl SyncState {
             }),
             sent: AtomicU64::new(0),
             connects: AtomicU64::new(0),
+            artifacts_fetched: AtomicU64::new(0),
+            artifact_bytes: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
         }
     }
 
@@ -188,6 +314,9 @@ impl SyncState {
             connects: self.connects.load(Ordering::Relaxed),
             last_error: i.last_error.clone(),
             desired: i.desired.clone(),
+            artifacts_fetched: self.artifacts_fetched.load(Ordering::Relaxed),
+            artifact_bytes: self.artifact_bytes.load(Ordering::Relaxed),
+            commands: self.commands.load(Ordering::Relaxed),
         }
     }
 }
@@ -206,37 +335,35 @@ impl Link {
     pub fn start(
         config: &SyncConfig,
         store: Arc<dyn Store>,
-        reporter: Reporter,
-        applier: Applier,
+        device: Arc<dyn Device>,
     ) -> Result<Self, SyncError> {
         let transport: Box<dyn Transport> = match config.transport {
             SyncTransport::Nats => Box::new(nats::Nats::new(config)?),
             SyncTransport::Mqtt => Box::new(mqtt::Mqtt::new(config)?),
         };
-        Ok(Self::with_transport(
-            config, store, reporter, applier, transport,
-        ))
+        Ok(Self::with_transport(config, store, device, transport))
     }
 
     /// Starts the loop over a given transport.
     pub fn with_transport(
         config: &SyncConfig,
         store: Arc<dyn Store>,
-        reporter: Reporter,
-        applier: Applier,
+        device: Arc<dyn Device>,
         transport: Box<dyn Transport>,
     ) -> Self {
         let state = Arc::new(SyncState::new(config));
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(
+        let link = Session {
             transport,
             store,
-            state.clone(),
-            config.clone(),
-            reporter,
-            applier,
-            stopped,
-        ));
+            state: state.clone(),
+            config: config.clone(),
+            device,
+            downloads: HashMap::new(),
+            refused: HashMap::new(),
+            tls: None,
+        };
+        let task = tokio::spawn(run(link, stopped));
         Self { state, stop, task }
     }
 
@@ -272,24 +399,42 @@ async fn pause(d: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-async fn run(
-    mut transport: Box<dyn Transport>,
+/// What the loop owns.
+struct Session {
+    transport: Box<dyn Transport>,
     store: Arc<dyn Store>,
     state: Arc<SyncState>,
     config: SyncConfig,
-    reporter: Reporter,
-    applier: Applier,
-    mut stopped: watch::Receiver<bool>,
-) {
+    device: Arc<dyn Device>,
+    /// Downloads broken off, resumed at the next attempt.
+    downloads: HashMap<Digest, Partial>,
+    /// Artifacts refused for good (digest mismatch, bad signature), with the reason; not
+    /// fetched again.
+    refused: HashMap<Digest, String>,
+    /// TLS for `https://` sources, built on first use.
+    tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
+}
+
+/// Answers to commands: by id, so a repeated command is answered without running again.
+#[derive(Default)]
+struct Answers {
+    done: VecDeque<(String, Vec<u8>)>,
+    running: HashSet<String>,
+}
+
+async fn run(mut s: Session, mut stopped: watch::Receiver<bool>) {
     let mut backoff = BACKOFF_MIN;
-    let mut appended = store.outbox_watch();
+    let mut appended = s.store.outbox_watch();
+    let mut answers = Answers::default();
+    let limit = Arc::new(tokio::sync::Semaphore::new(COMMANDS_AT_ONCE));
+    let (answered_tx, mut answered) = mpsc::channel::<(ReplyTo, Vec<u8>)>(COMMANDS_AT_ONCE);
     loop {
         if *stopped.borrow() {
             return;
         }
-        if let Err(e) = transport.connect().await {
-            state.set_link(LinkState::Disconnected);
-            state.error(&e);
+        if let Err(e) = s.transport.connect().await {
+            s.state.set_link(LinkState::Disconnected);
+            s.state.error(&e);
             if pause(backoff, &mut stopped).await {
                 return;
             }
@@ -297,22 +442,29 @@ async fn run(
             continue;
         }
         backoff = BACKOFF_MIN;
-        state.connects.fetch_add(1, Ordering::Relaxed);
-        state.set_link(LinkState::Connected);
+        s.state.connects.fetch_add(1, Ordering::Relaxed);
+        s.state.set_link(LinkState::Connected);
         let mut reported_pending = true;
-        let mut beat = tokio::time::interval(config.heartbeat);
+        let mut beat = tokio::time::interval(s.config.heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut updates = match transport.watch_desired().await {
+        let mut updates = match s.transport.watch_desired().await {
             Ok(u) => Some(u),
             Err(e) => {
                 tracing::warn!(error = %e, "desired-state updates will be polled only");
                 None
             }
         };
+        let mut commands = match s.transport.commands().await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "commands from the fleet will not be received");
+                None
+            }
+        };
         // What the fleet wants now: it may have changed while the device was away.
-        match transport.fetch_desired().await {
+        match s.transport.fetch_desired().await {
             Ok(Some(doc)) => {
-                if handle_desired(&state, &applier, doc).await {
+                if s.handle_desired(doc).await {
                     reported_pending = true;
                 }
             }
@@ -321,8 +473,8 @@ async fn run(
         }
         let failure = 'session: loop {
             if reported_pending {
-                let body = serde_json::to_vec(&reporter()).unwrap_or_default();
-                match transport.put_reported(body).await {
+                let body = serde_json::to_vec(&s.device.reported()).unwrap_or_default();
+                match s.transport.put_reported(body).await {
                     Ok(()) => reported_pending = false,
                     Err(e) => tracing::debug!(error = %e, "reported state not delivered yet"),
                 }
@@ -331,20 +483,20 @@ async fn run(
             loop {
                 // Several windows per read: the transport keeps `window` records in flight
                 // and the pipeline only drains at the end of a read.
-                let records = match store.outbox_read(0, config.window * READ_WINDOWS) {
+                let records = match s.store.outbox_read(0, s.config.window * READ_WINDOWS) {
                     Ok(r) => r,
                     Err(e) => break 'session SyncError::Store(e.to_string()),
                 };
                 if records.is_empty() {
                     break;
                 }
-                let (acked, result) = transport.publish(&records).await;
+                let (acked, result) = s.transport.publish(&records).await;
                 if let Some(through) = acked {
-                    let n = records.iter().take_while(|(s, _)| *s <= through).count();
-                    if let Err(e) = store.outbox_ack(through) {
+                    let n = records.iter().take_while(|(q, _)| *q <= through).count();
+                    if let Err(e) = s.store.outbox_ack(through) {
                         break 'session SyncError::Store(e.to_string());
                     }
-                    state.delivered(n as u64);
+                    s.state.delivered(n as u64);
                 }
                 if let Err(e) = result {
                     break 'session e;
@@ -356,17 +508,34 @@ async fn run(
                         return;
                     }
                 }
-                Some(doc) = next_update(&mut updates) => {
-                    if handle_desired(&state, &applier, doc).await {
+                Some(doc) = next_item(&mut updates) => {
+                    if s.handle_desired(doc).await {
                         reported_pending = true;
                     }
                 }
+                Some(request) = next_item(&mut commands) => {
+                    start_command(&s, &mut answers, &limit, &answered_tx, request);
+                }
+                Some((to, body)) = answered.recv() => {
+                    if let Some(id) = &to.id {
+                        answers.running.remove(id);
+                        answers.done.push_back((id.clone(), body.clone()));
+                        if answers.done.len() > ANSWERS_KEPT {
+                            answers.done.pop_front();
+                        }
+                    }
+                    s.state.commands.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = s.transport.reply(&to, body).await {
+                        tracing::warn!(to = %to.address, error = %e, "the answer to a command was not sent");
+                    }
+                }
                 _ = beat.tick() => {
-                    let mut body = reporter();
+                    let mut body = s.device.reported();
                     if let Some(obj) = body.as_object_mut() {
                         obj.insert("at-ms".into(), now_ms().into());
                     }
-                    if let Err(e) = transport
+                    if let Err(e) = s
+                        .transport
                         .heartbeat(serde_json::to_vec(&body).unwrap_or_default())
                         .await
                     {
@@ -374,10 +543,11 @@ async fn run(
                     }
                     // The reported state follows every heartbeat: it carries the backlog.
                     reported_pending = true;
-                    // A poll catches what a live update missed (a mirror catching up).
-                    match transport.fetch_desired().await {
+                    // A poll catches what a live update missed (a mirror catching up) and
+                    // retries a document waiting for its artifacts.
+                    match s.transport.fetch_desired().await {
                         Ok(Some(doc)) => {
-                            handle_desired(&state, &applier, doc).await;
+                            s.handle_desired(doc).await;
                         }
                         Ok(None) => {}
                         Err(e) => tracing::debug!(error = %e, "cannot read the desired state"),
@@ -390,8 +560,8 @@ async fn run(
                 }
             }
         };
-        state.set_link(LinkState::Disconnected);
-        state.error(&failure);
+        s.state.set_link(LinkState::Disconnected);
+        s.state.error(&failure);
         if pause(backoff, &mut stopped).await {
             return;
         }
@@ -399,13 +569,61 @@ async fn run(
     }
 }
 
-/// The next live desired-state document, or never when there is no live feed.
-async fn next_update(updates: &mut Option<BoxStream<'static, Vec<u8>>>) -> Option<Vec<u8>> {
-    match updates {
-        Some(u) => match u.next().await {
-            Some(doc) => Some(doc),
+/// Runs a command on its own task (the loop keeps draining meanwhile); the answer comes
+/// back through `answered` to be sent by the transport. A command whose id was answered
+/// already gets that answer again; one still running is not started twice.
+fn start_command(
+    s: &Session,
+    answers: &mut Answers,
+    limit: &Arc<tokio::sync::Semaphore>,
+    answered: &mpsc::Sender<(ReplyTo, Vec<u8>)>,
+    request: Request,
+) {
+    let Request { op, body, reply_to } = request;
+    if let Some(id) = &reply_to.id {
+        if let Some((_, done)) = answers.done.iter().find(|(d, _)| d == id) {
+            tracing::debug!(%op, %id, "command answered before; sending the same answer");
+            let (tx, done) = (answered.clone(), done.clone());
+            tokio::spawn(async move {
+                let _ = tx.send((reply_to, done)).await;
+            });
+            return;
+        }
+        if !answers.running.insert(id.clone()) {
+            tracing::debug!(%op, %id, "command already running");
+            return;
+        }
+    }
+    tracing::info!(%op, id = ?reply_to.id, "command from the fleet");
+    let (device, limit, tx) = (s.device.clone(), limit.clone(), answered.clone());
+    tokio::spawn(async move {
+        let _permit = limit.acquire_owned().await;
+        let result = device.command(op.clone(), body).await;
+        if let Err(e) = &result {
+            tracing::info!(%op, error = %e.message, "command refused");
+        }
+        let _ = tx.send((reply_to, answer(result))).await;
+    });
+}
+
+/// The JSON answer to a command: `{"ok": true, "result": …}` or
+/// `{"ok": false, "error": {"kind", "message", "details"}}`.
+pub fn answer(result: Result<serde_json::Value, CommandError>) -> Vec<u8> {
+    let v = match result {
+        Ok(result) => serde_json::json!({ "ok": true, "result": result }),
+        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+    };
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// The next item of a live feed, or never when there is none (a feed that ends is
+/// dropped until the next session).
+async fn next_item<T>(feed: &mut Option<BoxStream<'static, T>>) -> Option<T> {
+    match feed {
+        Some(f) => match f.next().await {
+            Some(item) => Some(item),
             None => {
-                *updates = None;
+                *feed = None;
                 std::future::pending().await
             }
         },
@@ -413,69 +631,208 @@ async fn next_update(updates: &mut Option<BoxStream<'static, Vec<u8>>>) -> Optio
     }
 }
 
-/// Applies `doc` unless it is the one handled last; returns whether there is a new outcome
-/// to report.
-async fn handle_desired(state: &SyncState, applier: &Applier, doc: Vec<u8>) -> bool {
-    if state.lock().desired_seen.as_ref() == Some(&doc) {
-        return false;
-    }
-    state.lock().desired_seen = Some(doc.clone());
-    let outcome = match serde_json::from_slice::<DesiredInput>(&doc) {
-        Err(e) => DesiredOutcome {
-            // The revision of a document that does not parse as a whole, if it has one.
-            revision: serde_json::from_slice::<serde_json::Value>(&doc)
-                .ok()
-                .and_then(|v| v.get("revision")?.as_u64()),
+impl Session {
+    /// Handles a desired-state document unless it is the one handled last: fetches the
+    /// artifacts it names that the cache lacks, then has the agent apply it. Returns
+    /// whether there is a new outcome to report.
+    async fn handle_desired(&mut self, doc: Vec<u8>) -> bool {
+        if self.state.lock().desired_seen.as_ref() == Some(&doc) {
+            return false;
+        }
+        let rejected = |revision, error: String, details: Vec<String>| DesiredOutcome {
+            revision,
             result: "rejected".into(),
-            error: Some(format!(
-                "the desired state from the fleet is not valid: {e}"
-            )),
-            details: Vec::new(),
+            retrying: false,
+            error: Some(error),
+            details,
             at_ms: now_ms(),
-        },
-        Ok(input) if input.revision.is_none() => DesiredOutcome {
-            revision: None,
-            result: "rejected".into(),
-            error: Some("the desired state from the fleet must carry a `revision`".into()),
-            details: Vec::new(),
-            at_ms: now_ms(),
-        },
-        Ok(input) => {
-            let revision = input.revision;
-            match applier(input).await {
-                Ok(()) => DesiredOutcome {
-                    revision,
-                    result: "applied".into(),
-                    error: None,
-                    details: Vec::new(),
-                    at_ms: now_ms(),
-                },
+        };
+        let mut retry = false;
+        let outcome = match serde_json::from_slice::<DesiredInput>(&doc) {
+            Err(e) => rejected(
+                // The revision of a document that does not parse as a whole, if it has one.
+                serde_json::from_slice::<serde_json::Value>(&doc)
+                    .ok()
+                    .and_then(|v| v.get("revision")?.as_u64()),
+                format!("the desired state from the fleet is not valid: {e}"),
+                Vec::new(),
+            ),
+            Ok(input) if input.revision.is_none() => rejected(
+                None,
+                "the desired state from the fleet must carry a `revision`".into(),
+                Vec::new(),
+            ),
+            Ok(input) if input.revision <= Some(self.device.applied_revision()) => {
                 // Not newer than what runs: already applied (or superseded locally).
-                Err(e) if e.kind == ErrorKind::Conflict => {
-                    tracing::debug!(?revision, error = %e.message, "desired state already applied");
-                    return false;
+                tracing::debug!(revision = ?input.revision, "desired state already applied");
+                self.state.lock().desired_seen = Some(doc);
+                return false;
+            }
+            Ok(input) => {
+                let revision = input.revision;
+                let failed = self.fetch_artifacts(&input).await;
+                if !failed.is_empty() {
+                    retry = failed.iter().any(|(_, e)| !e.permanent);
+                    let mut outcome = rejected(
+                        revision,
+                        "artifacts of the desired state could not be had".into(),
+                        failed
+                            .iter()
+                            .map(|(what, e)| format!("{what}: {e}"))
+                            .collect(),
+                    );
+                    outcome.retrying = retry;
+                    outcome
+                } else {
+                    match self.device.apply(input).await {
+                        Ok(()) => DesiredOutcome {
+                            revision,
+                            result: "applied".into(),
+                            retrying: false,
+                            error: None,
+                            details: Vec::new(),
+                            at_ms: now_ms(),
+                        },
+                        Err(e) if e.kind == ErrorKind::Conflict => {
+                            tracing::debug!(?revision, error = %e.message, "desired state already applied");
+                            self.state.lock().desired_seen = Some(doc);
+                            return false;
+                        }
+                        Err(e) => rejected(revision, e.message, e.details),
+                    }
                 }
-                Err(e) => DesiredOutcome {
-                    revision,
-                    result: "rejected".into(),
-                    error: Some(e.message),
-                    details: e.details,
-                    at_ms: now_ms(),
-                },
+            }
+        };
+        let mut state = self.state.lock();
+        // A document waiting for artifacts is tried again at the next poll.
+        state.desired_seen = (!retry).then_some(doc);
+        let same = state.desired.as_ref().is_some_and(|d| {
+            d.revision == outcome.revision
+                && d.error == outcome.error
+                && d.details == outcome.details
+        });
+        match &outcome.error {
+            None => {
+                tracing::info!(revision = ?outcome.revision, "desired state from the fleet applied")
+            }
+            // The same failure at every poll is logged once.
+            Some(_) if same => {}
+            Some(e) => tracing::warn!(
+                revision = ?outcome.revision,
+                error = %e,
+                details = ?outcome.details,
+                retrying = outcome.retrying,
+                "desired state from the fleet rejected; the running set is kept"
+            ),
+        }
+        state.desired = Some(outcome);
+        !same
+    }
+
+    /// Fetches, verifies and caches every artifact of `input` the cache lacks. Returns the
+    /// ones that could not be had, named by component.
+    async fn fetch_artifacts(&mut self, input: &DesiredInput) -> Vec<(String, FetchError)> {
+        let mut failed = Vec::new();
+        let mut done = HashSet::new();
+        for c in &input.components {
+            if !done.insert(c.digest) {
+                continue;
+            }
+            let what = format!("component `{}` ({})", c.name, c.digest.short());
+            match self.store.has_blob(&c.digest) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    failed.push((what, FetchError::transient(format!("the cache: {e}"))));
+                    continue;
+                }
+            }
+            if let Some(reason) = self.refused.get(&c.digest) {
+                failed.push((what, FetchError::permanent(reason.clone())));
+                continue;
+            }
+            match self.fetch_one(c).await {
+                Ok(()) => {}
+                Err(e) => {
+                    if e.permanent {
+                        self.refused.insert(c.digest, e.reason.clone());
+                    }
+                    failed.push((what, e));
+                }
             }
         }
-    };
-    match &outcome.error {
-        None => {
-            tracing::info!(revision = ?outcome.revision, "desired state from the fleet applied")
-        }
-        Some(e) => tracing::warn!(
-            revision = ?outcome.revision,
-            error = %e,
-            details = ?outcome.details,
-            "desired state from the fleet rejected; the running set is kept"
-        ),
+        failed
     }
-    state.lock().desired = Some(outcome);
-    true
+
+    async fn fetch_one(&mut self, c: &perch_core::ComponentSpec) -> Result<(), FetchError> {
+        let mut partial = self.downloads.remove(&c.digest).unwrap_or_default();
+        let mut progress = Progress::new(&c.digest);
+        let from = partial.bytes.len();
+        let started = std::time::Instant::now();
+        let fetched = match &c.source {
+            Some(url) => {
+                let tls = match &self.tls {
+                    Some(t) => Ok(t.clone()),
+                    None => match mqtt::tls_config(&self.config) {
+                        Ok(t) => {
+                            let t = Arc::new(t);
+                            self.tls = Some(t.clone());
+                            Ok(t)
+                        }
+                        Err(e) => Err(format!("TLS for https:// sources: {e}")),
+                    },
+                };
+                artifact::fetch_http(url, tls, &mut partial, &mut progress).await
+            }
+            None => {
+                self.transport
+                    .fetch_artifact(&c.digest, &mut partial, &mut progress)
+                    .await
+            }
+        };
+        if let Err(e) = fetched {
+            if !e.permanent && !partial.bytes.is_empty() {
+                tracing::info!(
+                    digest = %c.digest.short(),
+                    bytes = partial.bytes.len(),
+                    error = %e,
+                    "artifact download broken off; it resumes at the next attempt"
+                );
+                self.downloads.insert(c.digest, partial);
+            }
+            return Err(e);
+        }
+        let bytes = std::mem::take(&mut partial.bytes);
+        let got = Digest::of(&bytes);
+        if got != c.digest {
+            // A download resumed across a changed source can mix two files: start over.
+            return Err(if from > 0 {
+                FetchError::transient(format!(
+                    "the bytes hash to {got} after resuming at byte {from}; fetching again"
+                ))
+            } else {
+                FetchError::permanent(format!("the bytes hash to {got}, not to the digest"))
+            });
+        }
+        self.device
+            .admit(&c.name, &bytes)
+            .map_err(FetchError::permanent)?;
+        self.store
+            .put_blob(&bytes, Some(&c.digest))
+            .map_err(|e| FetchError::transient(format!("caching it: {e}")))?;
+        self.state.artifacts_fetched.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .artifact_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        tracing::info!(
+            component = %c.name,
+            digest = %c.digest.short(),
+            bytes = bytes.len(),
+            resumed_at = from,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            source = c.source.as_deref().unwrap_or(self.transport.name()),
+            "artifact fetched and verified"
+        );
+        Ok(())
+    }
 }

@@ -108,6 +108,22 @@ pub fn desired_get_topic(device: &str) -> String {
     format!("{}/desired/get", device_root(device))
 }
 
+/// `perch/v1/<device>/cmd/+`: commands from the fleet, one level per operation.
+pub fn commands_filter(device: &str) -> String {
+    format!("{}/cmd/+", device_root(device))
+}
+
+/// `perch/v1/<device>/cmd/<op>/reply`: where a command without a response topic is
+/// answered (MQTT 3.1.1 requesters cannot set one).
+pub fn default_reply_topic(device: &str, op: &str) -> String {
+    format!("{}/cmd/{op}/reply", device_root(device))
+}
+
+/// User property naming a command, echoed in its answer; a repeated id runs once.
+pub const CMD_ID_PROPERTY: &str = "perch-cmd-id";
+/// Commands received and not yet taken by the sync loop; more are dropped (and logged).
+const COMMAND_QUEUE: usize = 256;
+
 fn device_root(device: &str) -> String {
     format!("{}/{device}", subjects::mqtt_topic(subjects::ROOT))
 }
@@ -188,7 +204,7 @@ fn read_file(key: &str, path: &std::path::Path) -> Result<Vec<u8>, SyncError> {
 /// A rustls client config with the ring provider (the one async-nats brings; rumqttc is
 /// built without a provider of its own), trusting `ca-file` or the system's CA bundle,
 /// with the client certificate of `cert-file` and `key-file` if given.
-fn tls_config(config: &SyncConfig) -> Result<rustls::ClientConfig, SyncError> {
+pub(crate) fn tls_config(config: &SyncConfig) -> Result<rustls::ClientConfig, SyncError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -524,6 +540,68 @@ impl Transport for Mqtt {
         })
     }
 
+    fn commands(&mut self) -> BoxFuture<'_, Result<BoxStream<'static, crate::Request>, SyncError>> {
+        Box::pin(async move {
+            self.connected()?;
+            let session = self
+                .session
+                .as_mut()
+                .ok_or_else(|| SyncError::NotConnected {
+                    url: self.url.clone(),
+                })?;
+            let rx = session.commands.take().ok_or_else(|| SyncError::Setup {
+                what: "commands".into(),
+                reason: "already taken in this session".into(),
+            })?;
+            let stream =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+                );
+            use futures::StreamExt;
+            Ok(stream.boxed())
+        })
+    }
+
+    fn reply<'a>(
+        &'a mut self,
+        to: &'a crate::ReplyTo,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), SyncError>> {
+        Box::pin(async move {
+            let session = self.live("the answer to a command")?;
+            let fail = |reason: String| SyncError::Publish {
+                what: format!("the answer to a command on {}", to.address),
+                reason,
+            };
+            let properties = PublishProperties {
+                correlation_data: to.correlation.clone().map(Bytes::from),
+                user_properties: to
+                    .id
+                    .iter()
+                    .map(|id| (CMD_ID_PROPERTY.to_string(), id.clone()))
+                    .collect(),
+                content_type: Some("application/json".into()),
+                ..Default::default()
+            };
+            let result = match session
+                .publish(to.address.clone(), false, body.into(), Some(properties))
+                .await
+            {
+                Ok(ack) => session.ack(ack).await,
+                Err(reason) => Err(AckError::Lost(reason)),
+            };
+            match result {
+                Ok(()) => Ok(()),
+                Err(AckError::Refused(reason)) => Err(fail(reason)),
+                Err(AckError::Lost(reason)) => {
+                    self.end_session(&reason);
+                    Err(fail(reason))
+                }
+            }
+        })
+    }
+
     fn watch_desired(&mut self) -> BoxFuture<'_, Result<BoxStream<'static, Vec<u8>>, SyncError>> {
         Box::pin(async move {
             let session = self.connected()?;
@@ -698,6 +776,8 @@ struct Session {
     desired: watch::Receiver<Desired>,
     /// When the desired-state subscription was acknowledged (`None`: refused).
     subscribed_at: Option<Instant>,
+    /// Commands from the fleet, until [`Transport::commands`] takes them.
+    commands: Option<tokio::sync::mpsc::Receiver<crate::Request>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -716,21 +796,22 @@ impl Session {
         let (ended_tx, ended) = watch::channel(None);
         let (desired_tx, desired) = watch::channel(Desired::default());
         let (connack_tx, connack) = oneshot::channel();
-        let task = tokio::spawn(drive(
-            events,
-            tracker.clone(),
-            connack_tx,
-            ended_tx,
-            desired_tx,
-            desired_topic(device),
-            url.to_string(),
-        ));
+        let (commands_tx, commands) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+        let feeds = Feeds {
+            tracker: tracker.clone(),
+            connack: connack_tx,
+            ended: ended_tx,
+            desired: desired_tx,
+            commands: commands_tx,
+        };
+        let task = tokio::spawn(drive(events, feeds, device.to_string(), url.to_string()));
         let mut session = Self {
             client,
             tracker,
             ended,
             desired,
             subscribed_at: None,
+            commands: Some(commands),
             task,
         };
         let connect_error = |reason: String| SyncError::Connect {
@@ -758,6 +839,27 @@ impl Session {
             Err(AckError::Refused(reason)) => {
                 // Telemetry does not depend on it: say so and carry on without.
                 tracing::warn!(%topic, %reason, "desired state will not be received");
+            }
+            Err(AckError::Lost(reason)) => {
+                return Err(SyncError::Setup {
+                    what: format!("subscribing to {topic} on {url}"),
+                    reason,
+                });
+            }
+        }
+
+        // Commands: the broker keeps the subscription with the session and queues QoS 1
+        // commands sent while the device is away (up to its `max_queued_messages`).
+        let topic = commands_filter(device);
+        let rx = session.lock().register_subscribe();
+        let subscribed = match session.client.subscribe(&topic, QoS::AtLeastOnce).await {
+            Ok(()) => session.ack(rx).await,
+            Err(e) => Err(AckError::Lost(e.to_string())),
+        };
+        match subscribed {
+            Ok(()) => {}
+            Err(AckError::Refused(reason)) => {
+                tracing::warn!(%topic, %reason, "commands from the fleet will not be received");
             }
             Err(AckError::Lost(reason)) => {
                 return Err(SyncError::Setup {
@@ -864,17 +966,27 @@ impl Session {
     }
 }
 
-/// Polls the event loop until the connection fails, then ends the session (rumqttc would
-/// reconnect on the next poll; a fresh session is opened instead, see the module docs).
-async fn drive(
-    mut events: EventLoop,
+/// Where the event loop's task reports what it sees.
+struct Feeds {
     tracker: Arc<Mutex<Tracker>>,
     connack: oneshot::Sender<Result<bool, String>>,
     ended: watch::Sender<Option<String>>,
     desired: watch::Sender<Desired>,
-    desired_topic: String,
-    url: String,
-) {
+    commands: tokio::sync::mpsc::Sender<crate::Request>,
+}
+
+/// Polls the event loop until the connection fails, then ends the session (rumqttc would
+/// reconnect on the next poll; a fresh session is opened instead, see the module docs).
+async fn drive(mut events: EventLoop, feeds: Feeds, device: String, url: String) {
+    let Feeds {
+        tracker,
+        connack,
+        ended,
+        desired,
+        commands,
+    } = feeds;
+    let desired_topic = desired_topic(&device);
+    let command_prefix = format!("{}/cmd/", device_root(&device));
     let mut connack = Some(connack);
     let reason = loop {
         let event = match events.poll().await {
@@ -900,7 +1012,19 @@ async fn drive(
                 });
             }
             Event::Incoming(Packet::Publish(p)) => {
-                tracing::debug!(topic = %String::from_utf8_lossy(&p.topic), "unexpected mqtt message");
+                let topic = String::from_utf8_lossy(&p.topic);
+                match topic
+                    .strip_prefix(&command_prefix)
+                    .filter(|op| !op.is_empty() && !op.contains('/'))
+                {
+                    Some(op) => {
+                        let request = command_request(&device, op, &p);
+                        if let Err(e) = commands.try_send(request) {
+                            tracing::warn!(%topic, error = %e, "command dropped: too many waiting");
+                        }
+                    }
+                    None => tracing::debug!(%topic, "unexpected mqtt message"),
+                }
             }
             _ => {}
         }
@@ -921,6 +1045,33 @@ async fn drive(
     // Dropping the event loop closes the socket (no DISCONNECT: the broker sends the will)
     // and the request channel, so a publish in progress fails at once.
     drop(events);
+}
+
+/// A command publish as a [`crate::Request`]: answered on its response topic (or
+/// [`default_reply_topic`]) with its correlation data and `perch-cmd-id`.
+fn command_request(
+    device: &str,
+    op: &str,
+    p: &rumqttc::v5::mqttbytes::v5::Publish,
+) -> crate::Request {
+    let props = p.properties.as_ref();
+    crate::Request {
+        op: op.to_string(),
+        body: p.payload.to_vec(),
+        reply_to: crate::ReplyTo {
+            address: props
+                .and_then(|pr| pr.response_topic.clone())
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| default_reply_topic(device, op)),
+            correlation: props.and_then(|pr| pr.correlation_data.as_ref().map(|c| c.to_vec())),
+            id: props.and_then(|pr| {
+                pr.user_properties
+                    .iter()
+                    .find(|(k, _)| k == CMD_ID_PROPERTY)
+                    .map(|(_, v)| v.clone())
+            }),
+        },
+    }
 }
 
 #[cfg(test)]

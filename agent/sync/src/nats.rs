@@ -21,7 +21,10 @@ use futures::future::BoxFuture;
 use perch_core::config::SyncConfig;
 use perch_store::OutboxRecord;
 
-use crate::{SyncError, Transport, subjects};
+use perch_core::Digest;
+
+use crate::artifact::{FetchError, Partial, Progress, Resume};
+use crate::{ReplyTo, Request, SyncError, Transport, subjects};
 
 /// How long a connect, a request or an ack may take.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -169,14 +172,33 @@ impl Nats {
         }
     }
 
+    /// The hub's JetStream API prefix, where the fleet's object store is: across the leaf
+    /// connection in leaf mode, the connected server's own in direct mode.
+    fn hub_api_prefix(&self) -> String {
+        match &self.domain {
+            Some(_) => format!("$JS.{}.API", self.hub_domain),
+            None => "$JS.API".to_string(),
+        }
+    }
+
     /// One JetStream API request through the configured prefix; an `error` in the answer
     /// is returned as its JSON text.
     async fn api(&self, call: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
+        self.api_at(&self.api_prefix(), call, body).await
+    }
+
+    /// One JetStream API request through `prefix`.
+    async fn api_at(
+        &self,
+        prefix: &str,
+        call: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
         let client = self
             .client
             .as_ref()
             .ok_or_else(|| "not connected".to_string())?;
-        let subject = format!("{}.{call}", self.api_prefix());
+        let subject = format!("{prefix}.{call}");
         let reply = client
             .request(subject, Bytes::from(body.to_string()))
             .await
@@ -254,6 +276,143 @@ impl Nats {
         .await?;
         tracing::info!(stream = subjects::LEAF_STREAM, domain = ?self.domain, "leaf stream ready");
         self.stream_ready = true;
+        Ok(())
+    }
+}
+
+/// The `data` of a `STREAM.MSG.GET` answer, decoded.
+fn message_data(body: &serde_json::Value) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    body["message"]["data"]
+        .as_str()
+        .map(|d| base64::engine::general_purpose::STANDARD.decode(d))
+        .transpose()
+        .map(Option::unwrap_or_default)
+        .map_err(|e| e.to_string())
+}
+
+/// An object's metadata, as object store clients write it (the fields read here).
+#[derive(Debug, serde::Deserialize)]
+struct ObjectMeta {
+    nuid: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    deleted: bool,
+}
+
+impl Nats {
+    /// Reads object `digest` of `perch-components` chunk by chunk, one `STREAM.MSG.GET`
+    /// with `next_by_subj` per chunk, so a broken link resumes at the next chunk.
+    async fn fetch_object(
+        &self,
+        digest: &Digest,
+        partial: &mut Partial,
+        progress: &mut Progress,
+    ) -> Result<(), FetchError> {
+        if self.connected().is_err() {
+            return Err(FetchError::transient(format!(
+                "not connected to {}",
+                self.url
+            )));
+        }
+        let bucket = subjects::OBJECT_BUCKET;
+        let stream = subjects::object_stream(bucket);
+        let prefix = self.hub_api_prefix();
+        let get = format!("STREAM.MSG.GET.{stream}");
+        let failed = |what: &str, e: String| {
+            FetchError::transient(format!("{what} in object store `{bucket}`: {e}"))
+        };
+        let name = digest.to_string();
+        let meta = self
+            .api_at(
+                &prefix,
+                &get,
+                &serde_json::json!({ "last_by_subj": subjects::object_meta(bucket, &name) }),
+            )
+            .await
+            .map_err(|e| failed("reading the object's metadata", e))?;
+        if let Some(err) = meta.get("error") {
+            return Err(match err.get("err_code").and_then(|c| c.as_u64()) {
+                Some(NO_MESSAGE) => FetchError::transient(format!(
+                    "no object `{name}` in object store `{bucket}` yet"
+                )),
+                Some(NO_STREAM) => FetchError::transient(format!(
+                    "the fleet has no object store `{bucket}` (stream {stream})"
+                )),
+                _ => failed("reading the object's metadata", err.to_string()),
+            });
+        }
+        let meta: ObjectMeta = message_data(&meta)
+            .and_then(|d| serde_json::from_slice(&d).map_err(|e| e.to_string()))
+            .map_err(|e| failed(&format!("object `{name}` has unreadable metadata"), e))?;
+        if meta.deleted {
+            return Err(FetchError::transient(format!(
+                "object `{name}` in object store `{bucket}` is deleted"
+            )));
+        }
+        if meta.size > perch_core::MAX_COMPONENT_BYTES as u64 {
+            return Err(FetchError::permanent(format!(
+                "object `{name}` is {} bytes, more than the {} MiB an artifact may have",
+                meta.size,
+                perch_core::MAX_COMPONENT_BYTES >> 20
+            )));
+        }
+        let mut next_seq = match &partial.resume {
+            Resume::Object { nuid, next_seq } if *nuid == meta.nuid => *next_seq,
+            _ => {
+                partial.reset();
+                1
+            }
+        };
+        partial.total = Some(meta.size);
+        let chunks = subjects::object_chunks(bucket, &meta.nuid);
+        while (partial.bytes.len() as u64) < meta.size {
+            let answer = self
+                .api_at(
+                    &prefix,
+                    &get,
+                    &serde_json::json!({ "seq": next_seq, "next_by_subj": chunks }),
+                )
+                .await
+                .map_err(|e| {
+                    failed(
+                        &format!("reading `{name}` after {} bytes", partial.bytes.len()),
+                        e,
+                    )
+                })?;
+            if let Some(err) = answer.get("error") {
+                return Err(failed(
+                    &format!(
+                        "object `{name}` ends after {} of {} bytes",
+                        partial.bytes.len(),
+                        meta.size
+                    ),
+                    err.to_string(),
+                ));
+            }
+            let seq = answer["message"]["seq"].as_u64().ok_or_else(|| {
+                failed(
+                    "reading a chunk",
+                    format!("an answer without a sequence: {answer}"),
+                )
+            })?;
+            let data = message_data(&answer).map_err(|e| failed("reading a chunk", e))?;
+            partial.push(&data)?;
+            next_seq = seq + 1;
+            partial.resume = Resume::Object {
+                nuid: meta.nuid.clone(),
+                next_seq,
+            };
+            progress.update(partial);
+        }
+        if partial.bytes.len() as u64 != meta.size {
+            partial.reset();
+            return Err(FetchError::transient(format!(
+                "object `{name}` holds more chunks than its {} bytes; fetching again",
+                meta.size
+            )));
+        }
         Ok(())
     }
 }
@@ -448,6 +607,80 @@ impl Transport for Nats {
                 .map_err(|e| fail(e.to_string()))?
                 .unwrap_or_default();
             Ok(Some(data))
+        })
+    }
+
+    fn fetch_artifact<'a>(
+        &'a mut self,
+        digest: &'a Digest,
+        partial: &'a mut Partial,
+        progress: &'a mut Progress,
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        Box::pin(self.fetch_object(digest, partial, progress))
+    }
+
+    fn commands(
+        &mut self,
+    ) -> BoxFuture<'_, Result<futures::stream::BoxStream<'static, Request>, SyncError>> {
+        Box::pin(async move {
+            let client = self.connected()?;
+            let subject = subjects::commands(&self.device);
+            let sub = client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| SyncError::Setup {
+                    what: format!("subscribing to {subject}"),
+                    reason: e.to_string(),
+                })?;
+            use futures::StreamExt;
+            Ok(sub
+                .filter_map(|m| async move {
+                    let Some(reply) = m.reply else {
+                        tracing::debug!(subject = %m.subject, "a command without a reply subject is ignored");
+                        return None;
+                    };
+                    let op = m.subject.rsplit('.').next().unwrap_or_default().to_string();
+                    let id = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(subjects::CMD_ID).map(|v| v.to_string()));
+                    Some(Request {
+                        op,
+                        body: m.payload.to_vec(),
+                        reply_to: ReplyTo {
+                            address: reply.to_string(),
+                            correlation: None,
+                            id,
+                        },
+                    })
+                })
+                .boxed())
+        })
+    }
+
+    fn reply<'a>(
+        &'a mut self,
+        to: &'a ReplyTo,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), SyncError>> {
+        Box::pin(async move {
+            let client = self.connected()?;
+            let fail = |e: String| SyncError::Publish {
+                what: format!("the answer to a command on {}", to.address),
+                reason: e,
+            };
+            match &to.id {
+                Some(id) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(subjects::CMD_ID, id.as_str());
+                    client
+                        .publish_with_headers(to.address.clone(), headers, body.into())
+                        .await
+                }
+                None => client.publish(to.address.clone(), body.into()).await,
+            }
+            .map_err(|e| fail(e.to_string()))?;
+            client.flush().await.map_err(|e| fail(e.to_string()))
         })
     }
 

@@ -12,6 +12,10 @@ pub const REPORTED_BUCKET: &str = "perch-reported";
 pub const DESIRED_BUCKET: &str = "perch-desired";
 /// Header carrying the message id JetStream deduplicates on.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// JetStream object store holding component artifacts, object name = digest.
+pub const OBJECT_BUCKET: &str = "perch-components";
+/// Header naming a command, echoed in its answer; a repeated id is answered once.
+pub const CMD_ID: &str = "Perch-Cmd-Id";
 
 /// `perch.v1.<device>.telemetry.<stream>`
 pub fn telemetry(device: &str, stream: &str) -> String {
@@ -38,6 +42,34 @@ pub fn desired_kv(device: &str) -> String {
     format!("$KV.{DESIRED_BUCKET}.{device}")
 }
 
+/// `perch.v1.<device>.cmd.<op>`: a command from the fleet (request/reply).
+pub fn command(device: &str, op: &str) -> String {
+    format!("{ROOT}.{device}.cmd.{op}")
+}
+
+/// `perch.v1.<device>.cmd.*`: every command of a device.
+pub fn commands(device: &str) -> String {
+    format!("{ROOT}.{device}.cmd.*")
+}
+
+/// The stream of object store `bucket`.
+pub fn object_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
+/// `$O.<bucket>.M.<name>`: an object's metadata; the name is base64url-encoded (with
+/// padding), as every object store client does.
+pub fn object_meta(bucket: &str, name: &str) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::URL_SAFE.encode(name);
+    format!("$O.{bucket}.M.{encoded}")
+}
+
+/// `$O.<bucket>.C.<nuid>`: an object's chunks, in order.
+pub fn object_chunks(bucket: &str, nuid: &str) -> String {
+    format!("$O.{bucket}.C.{nuid}")
+}
+
 /// The message id of outbox record `seq` of `device`: `<device>:<seq>`.
 pub fn message_id(device: &str, seq: u64) -> String {
     format!("{device}:{seq}")
@@ -62,6 +94,13 @@ mod tests {
         assert_eq!(heartbeat("gw-1"), "perch.v1.gw-1.hb");
         assert_eq!(reported_kv("gw-1"), "$KV.perch-reported.gw-1");
         assert_eq!(message_id("gw-1", 42), "gw-1:42");
+        assert_eq!(command("gw-1", "status"), "perch.v1.gw-1.cmd.status");
+        assert_eq!(commands("gw-1"), "perch.v1.gw-1.cmd.*");
+        // The name encoding every object store client uses (nats.go, async-nats).
+        assert_eq!(
+            object_meta("perch-components", "sha256:ab"),
+            "$O.perch-components.M.c2hhMjU2OmFi"
+        );
         assert_eq!(
             mqtt_topic("perch.v1.gw-1.telemetry.climate"),
             "perch/v1/gw-1/telemetry/climate"

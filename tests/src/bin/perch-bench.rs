@@ -129,6 +129,7 @@ async fn start_in_process(
     let spec = ComponentSpec {
         name: name.into(),
         digest,
+        source: None,
         triggers,
         limits,
         grants,
@@ -829,10 +830,11 @@ fn bench_drain(rows: &mut Vec<Row>, n: u64) -> Result<()> {
     progress("drain: perch");
     let (first, total, rss_peak) = rt.block_on(async {
         let start = Instant::now();
-        let reporter: perch_sync::Reporter = Arc::new(|| serde_json::Value::Null);
-        let applier: perch_sync::Applier = Arc::new(|_| Box::pin(async { Ok(()) }));
-        let link =
-            perch_sync::Link::start(&config, store.clone() as Arc<dyn Store>, reporter, applier)?;
+        let link = perch_sync::Link::start(
+            &config,
+            store.clone() as Arc<dyn Store>,
+            Arc::new(perch_sync::Idle),
+        )?;
         let mut first = None;
         let mut peak = 0;
         loop {
