@@ -13,4 +13,7 @@ cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 # The end-to-end tests start the perchd binary, so build it before running them.
 cargo build --release --workspace --bins
+# The hardware-in-the-loop tests boot a firmware image with a static perchd for the board.
+PERCH_HIL_PERCHD="$(scripts/cross-build.sh x86_64-unknown-linux-musl)"
+export PERCH_HIL_PERCHD
 cargo test --release --workspace "$@"

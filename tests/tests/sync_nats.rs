@@ -669,7 +669,11 @@ fn an_object_download_resumes_at_the_next_chunk() -> TestResult {
         // A name the store does not hold is worth retrying later; nothing is kept.
         let mut missing = Partial::default();
         let e = nats
-            .fetch_artifact(&perch_core::Digest::of(b"absent"), &mut missing, &mut progress)
+            .fetch_artifact(
+                &perch_core::Digest::of(b"absent"),
+                &mut missing,
+                &mut progress,
+            )
             .await
             .expect_err("absent");
         assert!(!e.permanent && e.reason.contains("no object"), "{e}");

@@ -1000,7 +1000,9 @@ fn bench_drain_mqtt(rows: &mut Vec<Row>, n: u64) -> Result<()> {
     })?;
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     rows.push(Row {
-        name: format!("drain a {n}-record outbox backlog over MQTT 5 QoS 1 (mosquitto, its receive maximum)"),
+        name: format!(
+            "drain a {n}-record outbox backlog over MQTT 5 QoS 1 (mosquitto, its receive maximum)"
+        ),
         perch: format!("{:.0} msg/s", rate(total)),
         baseline: format!(
             "{:.0} msg/s (rumqttc QoS 1 publish, same in-flight limit, no outbox)",

@@ -1,0 +1,79 @@
+//! The image under test: a board's image built with `perch-image` around a `perchd` cross
+//! built for the board (`scripts/cross-build.sh`), with a device config for tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use perch_core::board::BoardConfig;
+
+use crate::MachineSpec;
+
+/// The device config baked into test images: the API on all interfaces (QEMU forwards a
+/// loopback port to it), data on the data partition, unsigned test components accepted.
+pub const TEST_DEVICE_CONFIG: &str = r#"data-dir = "/var/lib/perch/data"
+listen = "0.0.0.0:7070"
+board = "sim"
+
+[signing]
+allow-unsigned = true
+"#;
+
+/// `perchd` for `target`: `PERCH_HIL_PERCHD` if set, else built by `scripts/cross-build.sh`.
+pub fn perchd_for(target: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("PERCH_HIL_PERCHD") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = perch_tests::repo_root();
+    let out = Command::new("bash")
+        .arg(root.join("scripts/cross-build.sh"))
+        .arg(target)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running scripts/cross-build.sh")?;
+    if !out.status.success() {
+        bail!("scripts/cross-build.sh {target} failed ({})", out.status);
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// Builds `board`'s image into `out` and returns how to boot it.
+pub fn build(board: &str, out: &Path) -> Result<MachineSpec> {
+    let root = perch_tests::repo_root();
+    let board = BoardConfig::load(&root.join("board-configs").join(format!("{board}.toml")))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let target = board
+        .image
+        .rust_target
+        .clone()
+        .context("the board has no rust-target")?;
+    let arch = board.image.arch.clone().context("the board has no arch")?;
+    let machine = board
+        .image
+        .qemu_machine
+        .clone()
+        .context("the board has no qemu-machine")?;
+    let perchd = perchd_for(&target)?;
+    let outputs = perch_image::build(
+        &perch_image::Inputs {
+            board,
+            perchd,
+            lock: root.join("image/debian.lock"),
+            device_config: TEST_DEVICE_CONFIG.into(),
+            data_files: Vec::new(),
+            data_mib: 256,
+        },
+        out,
+    )?;
+    Ok(MachineSpec {
+        arch: match arch.as_str() {
+            "armv7" => "arm".into(),
+            other => other.into(),
+        },
+        machine,
+        kernel: outputs.kernel,
+        initrd: outputs.initrd,
+        data: outputs.data,
+        memory_mib: 1024,
+    })
+}

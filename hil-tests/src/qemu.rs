@@ -1,0 +1,288 @@
+//! QEMU machines for HIL tests.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// Debian packages holding QEMU; unpacked into the cache rather than installed, because
+/// Debian 12's `qemu-system-*` 7.2 conflicts with a newer `qemu-utils` a machine may have.
+/// Their shared libraries are installed by `scripts/setup.sh`.
+pub const QEMU_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-system-arm",
+    "qemu-system-common",
+    "qemu-system-data",
+    "seabios",
+    "ipxe-qemu",
+];
+
+/// Where QEMU is unpacked: `PERCH_QEMU_DIR`, else `~/.cache/perch/qemu`.
+pub fn qemu_dir() -> PathBuf {
+    std::env::var_os("PERCH_QEMU_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/perch/qemu")
+        })
+}
+
+/// The QEMU system emulator for `arch` (`x86_64`, `aarch64`, `arm`): on `PATH`, else in
+/// [`qemu_dir`], unpacked there from Debian's packages first if needed.
+pub fn qemu_binary(arch: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let name = format!("qemu-system-{arch}");
+    if let Ok(out) = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        && out.status.success()
+    {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        return Ok((p, Vec::new()));
+    }
+    let dir = qemu_dir();
+    let root = dir.join("root");
+    let bin = root.join("usr/bin").join(&name);
+    if !bin.is_file() {
+        eprintln!(
+            "hil: unpacking QEMU from Debian packages into {}",
+            dir.display()
+        );
+        std::fs::create_dir_all(&dir)?;
+        let status = Command::new("apt-get")
+            .arg("download")
+            .args(QEMU_PACKAGES)
+            .current_dir(&dir)
+            .status()
+            .context("apt-get download")?;
+        if !status.success() {
+            bail!(
+                "apt-get download {} failed ({status})",
+                QEMU_PACKAGES.join(" ")
+            );
+        }
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "deb") {
+                perch_image::debs::unpack(&p, &root)?;
+            }
+        }
+    }
+    if !bin.is_file() {
+        bail!("{} is not in the QEMU packages", bin.display());
+    }
+    let firmware = vec![
+        root.join("usr/share/seabios"),
+        root.join("usr/share/qemu"),
+        root.join("usr/lib/ipxe/qemu"),
+    ];
+    Ok((bin, firmware))
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct MachineSpec {
+    /// `x86_64`, `aarch64` or `arm`.
+    pub arch: String,
+    /// `q35`, `virt`, ...
+    pub machine: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The data partition (a raw image; writes reach it only when the guest flushes).
+    pub data: PathBuf,
+    pub memory_mib: u32,
+}
+
+/// A running QEMU; killed when dropped.
+#[derive(Debug)]
+pub struct Machine {
+    child: Option<Child>,
+    spec: MachineSpec,
+    console: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+    http: reqwest::blocking::Client,
+    booted: Instant,
+}
+
+impl Machine {
+    /// Boots `spec` with the agent's port forwarded to a free loopback port.
+    pub fn boot(spec: &MachineSpec) -> Result<Self> {
+        let (qemu, firmware) = qemu_binary(&spec.arch)?;
+        let dir = tempfile::tempdir()?;
+        let console = dir.path().join("console.log");
+        let port = perch_tests::free_port();
+        let mut cmd = Command::new(&qemu);
+        for f in &firmware {
+            if f.is_dir() {
+                cmd.arg("-L").arg(f);
+            }
+        }
+        let serial = match spec.arch.as_str() {
+            "x86_64" => "ttyS0",
+            _ => "ttyAMA0",
+        };
+        cmd.args(["-M", &spec.machine, "-m", &spec.memory_mib.to_string()])
+            .args(["-accel", "tcg", "-smp", "1"])
+            .args(["-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&spec.kernel)
+            .arg("-initrd")
+            .arg(&spec.initrd)
+            .args(["-append", &format!("console={serial} panic=-1 loglevel=4")])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=raw,cache=writeback",
+                spec.data.display()
+            ))
+            .args([
+                "-netdev",
+                &format!(
+                    "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:{}",
+                    perch_image::AGENT_PORT
+                ),
+            ])
+            .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
+            .args(["-serial", &format!("file:{}", console.display())])
+            .args(["-monitor", "none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", qemu.display()))?;
+        Ok(Self {
+            child: Some(child),
+            spec: spec.clone(),
+            console,
+            port,
+            _dir: dir,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            booted: Instant::now(),
+        })
+    }
+
+    /// The agent's API base URL on the host.
+    pub fn api(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The last `lines` lines the guest printed.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn failed(&mut self, what: &str) -> anyhow::Error {
+        let mut stderr = String::new();
+        if let Some(c) = &mut self.child
+            && let Ok(Some(_)) = c.try_wait()
+            && let Some(e) = c.stderr.as_mut()
+        {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        anyhow::anyhow!(
+            "{what}\n--- QEMU stderr ---\n{stderr}\n--- guest console (last 40 lines) ---\n{}",
+            self.console_tail(40)
+        )
+    }
+
+    /// Waits until `GET /v1/health` answers; returns the time since boot.
+    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/v1/health", self.api())).send()
+                && r.status().is_success()
+            {
+                return Ok(self.booted.elapsed());
+            }
+            if let Some(c) = &mut self.child
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Err(self.failed(&format!(
+                    "QEMU exited ({status}) before the agent was healthy"
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(self.failed(&format!("the agent was not healthy within {timeout:?}")));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `GET path` as JSON.
+    pub fn get(&self, path: &str) -> Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.api()))
+            .send()
+            .with_context(|| format!("GET {path}"))?;
+        Ok(r.json()?)
+    }
+
+    /// A request with a body; returns the status and JSON body.
+    pub fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .request(method.parse()?, format!("{}{path}", self.api()))
+            .timeout(Duration::from_secs(120))
+            .body(body)
+            .send()
+            .with_context(|| format!("{method} {path}"))?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().unwrap_or(Value::Null)))
+    }
+
+    /// Polls `f` until it gives a value; on timeout the error has the console tail.
+    pub fn wait_for<T>(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&Self) -> Result<Option<T>>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            match f(self) {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last = Some(e.to_string()),
+            }
+            if Instant::now() > deadline {
+                return Err(self.failed(&format!(
+                    "timed out after {timeout:?} waiting for {what} (last error: {last:?})"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Cuts the power: QEMU is killed with SIGKILL, so whatever the guest had not flushed
+    /// to its disk is gone, as on a real power loss.
+    pub fn power_cut(mut self) -> MachineSpec {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spec.clone()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether `path` exists (for skipping messages).
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}

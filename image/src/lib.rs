@@ -1,0 +1,328 @@
+//! `perch-image`: firmware images from board configs (`board-configs/*.toml`).
+//!
+//! What a board's image holds: the kernel of a pinned Debian package (`image/debian.lock`),
+//! an initramfs that is the whole root (busybox-static of the target arch, `perchd`, the
+//! board's kernel modules with their dependencies, and an `/init` that mounts the data
+//! partition, brings up the network and supervises `perchd`), and a data partition (ext4,
+//! made with `mke2fs -d`: no root mounts, no loop devices) holding the device config and
+//! anything preloaded. Every step is deterministic: the same inputs give the same bytes.
+//!
+//! Built so far: x86_64 (the host architecture: packages come from the host's apt). Still
+//! to come (docs/images.md): the MBR disk with A/B slots, foreign-architecture packages from
+//! a private apt directory, U-Boot and the A/B update.
+
+pub mod cpio;
+pub mod debs;
+pub mod modules;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use perch_core::board::BoardConfig;
+
+/// The fixed time every image file carries (2024-01-01T00:00:00Z).
+pub const EPOCH: u64 = 1_704_067_200;
+/// The data partition's filesystem UUID (fixed, for reproducible bytes).
+pub const DATA_UUID: &str = "50455243-4800-4000-8000-000000000001";
+/// The port perchd listens on inside the image.
+pub const AGENT_PORT: u16 = 7070;
+
+/// What [`build`] made.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub data: PathBuf,
+}
+
+/// Inputs of one build.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// The board (`board-configs/<name>.toml`).
+    pub board: BoardConfig,
+    /// `perchd` built for the board's Rust target.
+    pub perchd: PathBuf,
+    /// `image/debian.lock`.
+    pub lock: PathBuf,
+    /// The device config baked into the data partition (`perchd.toml`).
+    pub device_config: String,
+    /// Extra files for the data partition: (path inside it, bytes).
+    pub data_files: Vec<(String, Vec<u8>)>,
+    /// Size of the data partition.
+    pub data_mib: u64,
+}
+
+/// The Debian architecture of a board's `arch`.
+fn debian_arch(arch: &str) -> Result<&'static str> {
+    Ok(match arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "armv7" => "armhf",
+        other => bail!("board arch `{other}`: expected x86_64, aarch64 or armv7"),
+    })
+}
+
+/// Builds the board's kernel, initramfs and data partition into `out`.
+pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
+    let arch = inputs
+        .board
+        .image
+        .arch
+        .as_deref()
+        .with_context(|| format!("board `{}` has no `arch`", inputs.board.name))?;
+    let deb_arch = debian_arch(arch)?;
+    let lock = debs::read_lock(&inputs.lock)?;
+    let cache = debs::cache_dir();
+    let pick = |prefix: &str| -> Result<&debs::Pinned> {
+        lock.iter()
+            .find(|p| p.arch == deb_arch && p.name.starts_with(prefix))
+            .with_context(|| {
+                format!(
+                    "{} pins no `{prefix}*` package for {deb_arch}",
+                    inputs.lock.display()
+                )
+            })
+    };
+    std::fs::create_dir_all(out)?;
+    let work = out.join("work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+
+    step("kernel and modules");
+    let kernel_deb = debs::fetch(pick("linux-image-")?, &cache)?;
+    let kdir = work.join("kernel");
+    debs::unpack(&kernel_deb, &kdir)?;
+    let vmlinuz = std::fs::read_dir(kdir.join("boot"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+        .context("the kernel package has no /boot/vmlinuz-*")?;
+    let modules_root = std::fs::read_dir(kdir.join("lib/modules"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .next()
+        .context("the kernel package has no /lib/modules/<version>")?;
+    let mods = modules::load_order(
+        &modules_root.join("kernel"),
+        &inputs.board.image.modules,
+        &modules::builtin(&modules_root),
+    )?;
+
+    step("busybox");
+    let bb_deb = debs::fetch(pick("busybox-static")?, &cache)?;
+    let bbdir = work.join("busybox");
+    debs::unpack(&bb_deb, &bbdir)?;
+    let busybox =
+        std::fs::read(bbdir.join("bin/busybox")).context("busybox-static has no /bin/busybox")?;
+
+    step("initramfs");
+    let perchd = std::fs::read(&inputs.perchd)
+        .with_context(|| format!("reading perchd at {}", inputs.perchd.display()))?;
+    let initrd = out.join("initrd.img");
+    write_initramfs(&initrd, &busybox, &perchd, &mods)?;
+    let kernel = out.join("vmlinuz");
+    std::fs::copy(&vmlinuz, &kernel)?;
+
+    step("data partition");
+    let data_dir = work.join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    std::fs::write(data_dir.join("perchd.toml"), &inputs.device_config)?;
+    for (path, bytes) in &inputs.data_files {
+        let p = data_dir.join(path.trim_start_matches('/'));
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(p, bytes)?;
+    }
+    let data = out.join("data.img");
+    make_ext4(&data_dir, &data, inputs.data_mib, "perch-data", DATA_UUID)?;
+    std::fs::remove_dir_all(&work)?;
+    Ok(Outputs {
+        kernel,
+        initrd,
+        data,
+    })
+}
+
+fn step(what: &str) {
+    tracing::info!(step = what, "image");
+    eprintln!("image: {what}");
+}
+
+/// The `/init` of the image: mounts, loads modules, mounts the data partition at
+/// `/var/lib/perch`, brings up the network (QEMU user networking's fixed addresses when
+/// there is no DHCP client answer), and runs perchd again whenever it exits.
+pub fn init_script(modules: &[String]) -> String {
+    format!(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "perch-init: loading modules"
+for m in {modules}; do insmod /lib/modules/$m.ko || echo "perch-init: module $m failed"; done
+mkdir -p /var/lib/perch /tmp
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+if mount -t ext4 -o noatime /dev/vda /var/lib/perch; then
+  echo "perch-init: data partition mounted"
+else
+  echo "perch-init: no data partition; running from RAM"
+fi
+ip link set lo up
+if ip link set eth0 up 2>/dev/null; then
+  ip addr add 10.0.2.15/24 dev eth0
+  ip route add default via 10.0.2.2
+fi
+cd /var/lib/perch
+n=0
+while true; do
+  n=$((n+1))
+  echo "perch-init: starting perchd (run $n)"
+  /usr/bin/perchd --config /var/lib/perch/perchd.toml
+  echo "perch-init: perchd exited with $?"
+  sleep 1
+done
+"#,
+        modules = modules.join(" ")
+    )
+}
+
+/// Writes the initramfs: busybox, perchd, the modules in load order and `/init`.
+fn write_initramfs(path: &Path, busybox: &[u8], perchd: &[u8], modules: &[PathBuf]) -> Result<()> {
+    use cpio::Entry;
+    let dir = |p: &str| Entry::Dir {
+        path: p.into(),
+        mode: 0o755,
+    };
+    let mut entries = vec![
+        dir("/bin"),
+        dir("/dev"),
+        dir("/etc"),
+        dir("/lib"),
+        dir("/lib/modules"),
+        dir("/proc"),
+        dir("/sys"),
+        dir("/tmp"),
+        dir("/usr"),
+        dir("/usr/bin"),
+        dir("/var"),
+        dir("/var/lib"),
+        Entry::CharDev {
+            path: "/dev/console".into(),
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+        Entry::File {
+            path: "/bin/busybox".into(),
+            mode: 0o755,
+            data: busybox.to_vec(),
+        },
+        Entry::File {
+            path: "/usr/bin/perchd".into(),
+            mode: 0o755,
+            data: perchd.to_vec(),
+        },
+    ];
+    let mut names = Vec::new();
+    for m in modules {
+        let name = m
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .context("module path")?
+            .to_string();
+        entries.push(Entry::File {
+            path: format!("/lib/modules/{name}.ko"),
+            mode: 0o644,
+            data: std::fs::read(m)?,
+        });
+        names.push(name);
+    }
+    entries.push(Entry::File {
+        path: "/init".into(),
+        mode: 0o755,
+        data: init_script(&names).into_bytes(),
+    });
+    let mut bytes = Vec::new();
+    cpio::write(&mut bytes, &entries)?;
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+/// An ext4 image of `dir` (`mke2fs -d`), with fixed UUID, hash seed and times. `mke2fs`
+/// copies each file's times from `dir`, and a ctime cannot be set from user space, so
+/// every inode's times are then set to [`EPOCH`] with `debugfs` (on the image file; no
+/// mount).
+pub fn make_ext4(dir: &Path, out: &Path, mib: u64, label: &str, uuid: &str) -> Result<()> {
+    if out.exists() {
+        std::fs::remove_file(out)?;
+    }
+    let mut paths = vec!["/".to_string(), "/lost+found".to_string()];
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, rel)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)?.collect::<std::io::Result<_>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.contains(char::is_whitespace) || name.contains('"') {
+                bail!(
+                    "{}: names with spaces or quotes are not supported in the data partition",
+                    e.path().display()
+                );
+            }
+            let r = format!("{rel}/{name}");
+            if e.file_type()?.is_dir() {
+                stack.push((e.path(), r.clone()));
+            }
+            paths.push(r);
+        }
+    }
+    let status = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-L", label, "-U", uuid])
+        .args(["-E", &format!("root_owner=0:0,hash_seed={uuid}")])
+        .arg("-d")
+        .arg(dir)
+        .arg(out)
+        .arg(format!("{mib}M"))
+        .env("E2FSPROGS_FAKE_TIME", EPOCH.to_string())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running mke2fs (Debian package e2fsprogs)")?;
+    if !status.success() {
+        bail!("mke2fs failed ({status}) making {}", out.display());
+    }
+    let mut script = String::new();
+    for p in &paths {
+        for field in ["atime", "mtime", "ctime", "crtime"] {
+            script.push_str(&format!(
+                "sif {p} {field} @{EPOCH}\nsif {p} {field}_extra 0\n"
+            ));
+        }
+    }
+    let script_path = out.with_extension("debugfs");
+    std::fs::write(&script_path, script)?;
+    let done = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script_path)
+        .arg(out)
+        .env("E2FSPROGS_FAKE_TIME", EPOCH.to_string())
+        .output()
+        .context("running debugfs (Debian package e2fsprogs)")?;
+    std::fs::remove_file(&script_path)?;
+    if !done.status.success() {
+        bail!(
+            "debugfs failed ({}) setting times in {}: {}",
+            done.status,
+            out.display(),
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+    Ok(())
+}
