@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-/// Debian packages holding QEMU; unpacked into the cache rather than installed, because
-/// Debian 12's `qemu-system-*` 7.2 conflicts with a newer `qemu-utils` a machine may have.
-/// Their shared libraries are installed by `scripts/setup.sh`.
+/// Debian packages holding QEMU (pinned in `image/debian.lock`), unpacked into the cache
+/// rather than installed, because Debian 12's `qemu-system-*` 7.2 conflicts with a newer
+/// `qemu-utils` a machine may have. Their shared libraries are installed by
+/// `scripts/setup.sh`.
 pub const QEMU_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "qemu-system-arm",
@@ -50,24 +51,16 @@ pub fn qemu_binary(arch: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
             "hil: unpacking QEMU from Debian packages into {}",
             dir.display()
         );
-        std::fs::create_dir_all(&dir)?;
-        let status = Command::new("apt-get")
-            .arg("download")
-            .args(QEMU_PACKAGES)
-            .current_dir(&dir)
-            .status()
-            .context("apt-get download")?;
-        if !status.success() {
-            bail!(
-                "apt-get download {} failed ({status})",
-                QEMU_PACKAGES.join(" ")
-            );
-        }
-        for e in std::fs::read_dir(&dir)? {
-            let p = e?.path();
-            if p.extension().is_some_and(|x| x == "deb") {
-                perch_image::debs::unpack(&p, &root)?;
-            }
+        let lock =
+            perch_image::debs::read_lock(&perch_tests::repo_root().join("image/debian.lock"))?;
+        let cache = perch_image::debs::cache_dir();
+        for name in QEMU_PACKAGES {
+            let pkg = lock
+                .iter()
+                .find(|p| p.name == *name)
+                .with_context(|| format!("image/debian.lock pins no `{name}`"))?;
+            let deb = perch_image::debs::fetch(pkg, &cache)?;
+            perch_image::debs::unpack(&deb, &root)?;
         }
     }
     if !bin.is_file() {
@@ -79,6 +72,15 @@ pub fn qemu_binary(arch: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
         root.join("usr/lib/ipxe/qemu"),
     ];
     Ok((bin, firmware))
+}
+
+/// When a boot reached its milestones, from power-on (polled every 250 ms).
+#[derive(Debug, Clone, Copy)]
+pub struct BootTimes {
+    /// The kernel's banner appeared: firmware and kernel loading took this long.
+    pub kernel: Duration,
+    /// The agent answered `GET /v1/health`.
+    pub healthy: Duration,
 }
 
 /// What to boot.
@@ -131,7 +133,7 @@ impl Machine {
             .arg(&spec.kernel)
             .arg("-initrd")
             .arg(&spec.initrd)
-            .args(["-append", &format!("console={serial} panic=-1 loglevel=4")])
+            .args(["-append", &format!("console={serial} panic=-1 loglevel=5")])
             .arg("-drive")
             .arg(format!(
                 "file={},if=virtio,format=raw,cache=writeback",
@@ -192,14 +194,25 @@ impl Machine {
         )
     }
 
-    /// Waits until `GET /v1/health` answers; returns the time since boot.
-    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<Duration> {
+    /// Waits until `GET /v1/health` answers; returns when that was, and when the kernel
+    /// started (its banner on the console), counted from power-on.
+    pub fn wait_healthy(&mut self, timeout: Duration) -> Result<BootTimes> {
         let deadline = Instant::now() + timeout;
+        let mut kernel = None;
         loop {
+            if kernel.is_none()
+                && std::fs::read_to_string(&self.console)
+                    .is_ok_and(|t| t.contains("Linux version"))
+            {
+                kernel = Some(self.booted.elapsed());
+            }
             if let Ok(r) = self.http.get(format!("{}/v1/health", self.api())).send()
                 && r.status().is_success()
             {
-                return Ok(self.booted.elapsed());
+                return Ok(BootTimes {
+                    kernel: kernel.unwrap_or_default(),
+                    healthy: self.booted.elapsed(),
+                });
             }
             if let Some(c) = &mut self.child
                 && let Ok(Some(status)) = c.try_wait()
@@ -211,7 +224,7 @@ impl Machine {
             if Instant::now() > deadline {
                 return Err(self.failed(&format!("the agent was not healthy within {timeout:?}")));
             }
-            std::thread::sleep(Duration::from_millis(250));
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

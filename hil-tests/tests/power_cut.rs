@@ -28,7 +28,12 @@ fn acknowledged_telemetry_and_the_journal_survive_power_cuts() -> anyhow::Result
 
     let mut m = Machine::boot(&spec)?;
     let boot = m.wait_healthy(Duration::from_secs(180))?;
-    eprintln!("hil: healthy {boot:?} after power-on");
+    eprintln!(
+        "hil: {}: kernel started {:?} and the agent healthy {:?} after power-on",
+        board(),
+        boot.kernel,
+        boot.healthy
+    );
     let burst = artifact(
         examples::BURST,
         &repo_root().join("fixtures/burst/Cargo.toml"),
@@ -52,6 +57,7 @@ fn acknowledged_telemetry_and_the_journal_survive_power_cuts() -> anyhow::Result
     m.wait_healthy(Duration::from_secs(180))?;
     let after = outbox(&m)?;
     let last = after["last-seq"].as_u64().unwrap_or(0);
+    eprintln!("hil: {stored} records stored before the power cut; {last} in the outbox after it");
     assert!(
         last >= stored,
         "records 1..={stored} were reported stored before the cut; after it the outbox ends at {last}: {after}"
@@ -88,6 +94,7 @@ fn acknowledged_telemetry_and_the_journal_survive_power_cuts() -> anyhow::Result
     m.wait_healthy(Duration::from_secs(180))?;
     let s = m.get("/v1/status")?;
     let revision = s["revision"].as_u64();
+    eprintln!("hil: after a power cut during a deploy the agent runs revision {revision:?}");
     assert!(
         matches!(revision, Some(1) | Some(2)),
         "revision after a cut during a deploy: {s}"
