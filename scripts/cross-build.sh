@@ -5,13 +5,13 @@
 #   scripts/cross-build.sh armv7-unknown-linux-gnueabihf  # glibc + crt-static, arm-linux-gnueabihf-gcc
 # Installs the rustup target and the Debian packages it needs when they are missing, and
 # prints the path of the stripped binary. PROFILE (default `firmware`) picks the cargo
-# profile; CARGO_TARGET_DIR defaults to ~/.cache/perch/cross-target so repeat builds are
-# incremental. Users with Docker may use `cross` instead (Cross.toml); this is the tested path.
+# profile; builds go to PERCH_CROSS_TARGET_DIR (default ~/.cache/perch/cross-target, apart
+# from the host builds) so repeat builds are incremental. Users with Docker may use `cross` instead (Cross.toml); this is the tested path.
 set -euo pipefail
 target="${1:?usage: scripts/cross-build.sh <rust-target>}"
 profile="${PROFILE:-firmware}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/perch/cross-target}"
+export CARGO_TARGET_DIR="${PERCH_CROSS_TARGET_DIR:-$HOME/.cache/perch/cross-target}"
 
 need_deb() {
     local missing=()

@@ -133,7 +133,7 @@ impl Machine {
             .arg(&spec.kernel)
             .arg("-initrd")
             .arg(&spec.initrd)
-            .args(["-append", &format!("console={serial} panic=-1 loglevel=5")])
+            .args(["-append", &format!("console={serial} panic=-1 loglevel=6")])
             .arg("-drive")
             .arg(format!(
                 "file={},if=virtio,format=raw,cache=writeback",
@@ -201,8 +201,7 @@ impl Machine {
         let mut kernel = None;
         loop {
             if kernel.is_none()
-                && std::fs::read_to_string(&self.console)
-                    .is_ok_and(|t| t.contains("Linux version"))
+                && std::fs::read_to_string(&self.console).is_ok_and(|t| t.contains("Linux version"))
             {
                 kernel = Some(self.booted.elapsed());
             }

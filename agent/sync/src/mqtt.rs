@@ -48,9 +48,6 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// How long the broker keeps the device's session (its subscription and the QoS 1
 /// messages queued for it) after the connection drops.
 pub const SESSION_EXPIRY: Duration = Duration::from_secs(24 * 3600);
-/// How long [`Transport::fetch_desired`] waits after subscribing for the retained
-/// desired-state document (or the fleet's answer to `desired/get`).
-pub const DESIRED_WAIT: Duration = Duration::from_millis(1500);
 /// Largest packet the device accepts (a desired-state document); the broker learns it in
 /// CONNECT.
 pub const MAX_INCOMING_PACKET: u32 = 4 << 20;
@@ -524,18 +521,11 @@ impl Transport for Mqtt {
 
     fn fetch_desired(&mut self) -> BoxFuture<'_, Result<Option<Vec<u8>>, SyncError>> {
         Box::pin(async move {
+            // The retained document arrives right after the SUBACK; one that arrives after
+            // this read comes through `watch_desired` (the loop opens it first), so nothing
+            // waits here and the backlog starts draining at once.
             let session = self.connected()?;
-            let mut desired = session.desired.clone();
-            let deadline = session.subscribed_at.map(|t| t + DESIRED_WAIT);
-            // Right after subscribing, give the broker a moment to send the retained
-            // document (or the fleet to answer `desired/get`).
-            if let Some(deadline) = deadline
-                && !desired.borrow().received
-            {
-                let _ = tokio::time::timeout_at(deadline.into(), desired.wait_for(|d| d.received))
-                    .await;
-            }
-            let doc = desired.borrow().doc.clone();
+            let doc = session.desired.borrow().doc.clone();
             Ok(doc)
         })
     }
@@ -632,8 +622,6 @@ impl Transport for Mqtt {
 /// The last desired-state document received in a session.
 #[derive(Debug, Clone, Default)]
 struct Desired {
-    /// Whether anything arrived on the desired topic yet.
-    received: bool,
     /// The document; `None` when the fleet cleared the retained message (empty payload).
     doc: Option<Vec<u8>>,
 }
@@ -1006,10 +994,7 @@ async fn drive(mut events: EventLoop, feeds: Feeds, device: String, url: String)
             Event::Incoming(Packet::Publish(p)) if p.topic == desired_topic.as_bytes() => {
                 tracing::debug!(topic = %desired_topic, bytes = p.payload.len(), retained = p.retain, "desired state received");
                 let doc = (!p.payload.is_empty()).then(|| p.payload.to_vec());
-                desired.send_replace(Desired {
-                    received: true,
-                    doc,
-                });
+                desired.send_replace(Desired { doc });
             }
             Event::Incoming(Packet::Publish(p)) => {
                 let topic = String::from_utf8_lossy(&p.topic);
