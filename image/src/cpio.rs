@@ -105,26 +105,23 @@ mod tests {
 
     #[test]
     fn an_archive_is_aligned_and_ends_with_the_trailer() {
+        let entries = [
+            Entry::Dir {
+                path: "/bin".into(),
+                mode: 0o755,
+            },
+            Entry::File {
+                path: "/init".into(),
+                mode: 0o755,
+                data: b"#!/bin/sh\n".to_vec(),
+            },
+            Entry::Symlink {
+                path: "/bin/sh".into(),
+                target: "busybox".into(),
+            },
+        ];
         let mut out = Vec::new();
-        write(
-            &mut out,
-            &[
-                Entry::Dir {
-                    path: "/bin".into(),
-                    mode: 0o755,
-                },
-                Entry::File {
-                    path: "/init".into(),
-                    mode: 0o755,
-                    data: b"#!/bin/sh\n".to_vec(),
-                },
-                Entry::Symlink {
-                    path: "/bin/sh".into(),
-                    target: "busybox".into(),
-                },
-            ],
-        )
-        .expect("write");
+        write(&mut out, &entries).expect("write");
         assert_eq!(out.len() % 4, 0);
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("070701"));
@@ -132,25 +129,7 @@ mod tests {
         assert!(text.contains("TRAILER!!!"));
         // The same input gives the same bytes.
         let mut again = Vec::new();
-        write(
-            &mut again,
-            &[
-                Entry::Dir {
-                    path: "/bin".into(),
-                    mode: 0o755,
-                },
-                Entry::File {
-                    path: "/init".into(),
-                    mode: 0o755,
-                    data: b"#!/bin/sh\n".to_vec(),
-                },
-                Entry::Symlink {
-                    path: "/bin/sh".into(),
-                    target: "busybox".into(),
-                },
-            ],
-        )
-        .expect("write");
+        write(&mut again, &entries).expect("write");
         assert_eq!(out, again);
     }
 }

@@ -329,6 +329,38 @@ impl Mqtt {
 
     /// The session, if its connection is up; otherwise why `what` cannot be done (the
     /// reason the connection ended, when there was one).
+    /// One QoS 1 publish, waited for: a refusal is an error; a lost connection also ends
+    /// the session.
+    async fn publish_acked(
+        &mut self,
+        what: &str,
+        topic: String,
+        retain: bool,
+        payload: Bytes,
+        properties: Option<PublishProperties>,
+    ) -> Result<(), SyncError> {
+        let session = self.live(what)?;
+        let result = match session
+            .publish(topic.clone(), retain, payload, properties)
+            .await
+        {
+            Ok(ack) => session.ack(ack).await,
+            Err(reason) => Err(AckError::Lost(reason)),
+        };
+        let fail = |reason: String| SyncError::Publish {
+            what: format!("{what} to {topic}"),
+            reason,
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(AckError::Refused(reason)) => Err(fail(reason)),
+            Err(AckError::Lost(reason)) => {
+                self.end_session(&reason);
+                Err(fail(reason))
+            }
+        }
+    }
+
     fn live(&self, what: &str) -> Result<&Session, SyncError> {
         match &self.session {
             Some(s) if s.alive() => Ok(s),
@@ -495,27 +527,9 @@ impl Transport for Mqtt {
 
     fn put_reported(&mut self, body: Vec<u8>) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
-            let session = self.live("reported state")?;
             let topic = reported_topic(&self.device);
-            let fail = |reason: String| SyncError::Publish {
-                what: format!("reported state to {topic}"),
-                reason,
-            };
-            let result = match session
-                .publish(topic.clone(), true, body.into(), None)
+            self.publish_acked("reported state", topic, true, body.into(), None)
                 .await
-            {
-                Ok(ack) => session.ack(ack).await,
-                Err(reason) => Err(AckError::Lost(reason)),
-            };
-            match result {
-                Ok(()) => Ok(()),
-                Err(AckError::Refused(reason)) => Err(fail(reason)),
-                Err(AckError::Lost(reason)) => {
-                    self.end_session(&reason);
-                    Err(fail(reason))
-                }
-            }
         })
     }
 
@@ -559,11 +573,6 @@ impl Transport for Mqtt {
         body: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), SyncError>> {
         Box::pin(async move {
-            let session = self.live("the answer to a command")?;
-            let fail = |reason: String| SyncError::Publish {
-                what: format!("the answer to a command on {}", to.address),
-                reason,
-            };
             let properties = PublishProperties {
                 correlation_data: to.correlation.clone().map(Bytes::from),
                 user_properties: to
@@ -574,21 +583,14 @@ impl Transport for Mqtt {
                 content_type: Some("application/json".into()),
                 ..Default::default()
             };
-            let result = match session
-                .publish(to.address.clone(), false, body.into(), Some(properties))
-                .await
-            {
-                Ok(ack) => session.ack(ack).await,
-                Err(reason) => Err(AckError::Lost(reason)),
-            };
-            match result {
-                Ok(()) => Ok(()),
-                Err(AckError::Refused(reason)) => Err(fail(reason)),
-                Err(AckError::Lost(reason)) => {
-                    self.end_session(&reason);
-                    Err(fail(reason))
-                }
-            }
+            self.publish_acked(
+                "the answer to a command",
+                to.address.clone(),
+                false,
+                body.into(),
+                Some(properties),
+            )
+            .await
         })
     }
 
@@ -816,46 +818,27 @@ impl Session {
         }
 
         // Desired state: the fleet retains it; the broker sends it right after the SUBACK.
-        let topic = desired_topic(device);
-        let rx = session.lock().register_subscribe();
-        let subscribed = match session.client.subscribe(&topic, QoS::AtLeastOnce).await {
-            Ok(()) => session.ack(rx).await,
-            Err(e) => Err(AckError::Lost(e.to_string())),
-        };
-        match subscribed {
-            Ok(()) => session.subscribed_at = Some(Instant::now()),
-            Err(AckError::Refused(reason)) => {
-                // Telemetry does not depend on it: say so and carry on without.
-                tracing::warn!(%topic, %reason, "desired state will not be received");
-            }
-            Err(AckError::Lost(reason)) => {
-                return Err(SyncError::Setup {
-                    what: format!("subscribing to {topic} on {url}"),
-                    reason,
-                });
-            }
+        // Telemetry depends on neither subscription: a refused one is said and done without.
+        if session
+            .subscribe(
+                &desired_topic(device),
+                url,
+                "desired state will not be received",
+            )
+            .await?
+        {
+            session.subscribed_at = Some(Instant::now());
         }
 
         // Commands: the broker keeps the subscription with the session and queues QoS 1
         // commands sent while the device is away (up to its `max_queued_messages`).
-        let topic = commands_filter(device);
-        let rx = session.lock().register_subscribe();
-        let subscribed = match session.client.subscribe(&topic, QoS::AtLeastOnce).await {
-            Ok(()) => session.ack(rx).await,
-            Err(e) => Err(AckError::Lost(e.to_string())),
-        };
-        match subscribed {
-            Ok(()) => {}
-            Err(AckError::Refused(reason)) => {
-                tracing::warn!(%topic, %reason, "commands from the fleet will not be received");
-            }
-            Err(AckError::Lost(reason)) => {
-                return Err(SyncError::Setup {
-                    what: format!("subscribing to {topic} on {url}"),
-                    reason,
-                });
-            }
-        }
+        session
+            .subscribe(
+                &commands_filter(device),
+                url,
+                "commands from the fleet will not be received",
+            )
+            .await?;
 
         // Presence, replacing the `0` the last will of an earlier connection left.
         let topic = online_topic(device);
@@ -891,6 +874,27 @@ impl Session {
             });
         }
         Ok(session)
+    }
+
+    /// Subscribes to `topic` with QoS 1 and waits for the SUBACK. Returns whether the
+    /// broker granted it; a refusal is logged with `refused` and is no error.
+    async fn subscribe(&self, topic: &str, url: &str, refused: &str) -> Result<bool, SyncError> {
+        let rx = self.lock().register_subscribe();
+        let subscribed = match self.client.subscribe(topic, QoS::AtLeastOnce).await {
+            Ok(()) => self.ack(rx).await,
+            Err(e) => Err(AckError::Lost(e.to_string())),
+        };
+        match subscribed {
+            Ok(()) => Ok(true),
+            Err(AckError::Refused(reason)) => {
+                tracing::warn!(%topic, %reason, "{refused}");
+                Ok(false)
+            }
+            Err(AckError::Lost(reason)) => Err(SyncError::Setup {
+                what: format!("subscribing to {topic} on {url}"),
+                reason,
+            }),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tracker> {
