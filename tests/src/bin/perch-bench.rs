@@ -989,9 +989,8 @@ fn bench_drain_mqtt(rows: &mut Vec<Row>, n: u64) -> Result<()> {
         });
         let mut acked = 0;
         while acked < n {
-            match events.poll().await? {
-                Event::Incoming(Packet::PubAck(_)) => acked += 1,
-                _ => {}
+            if let Event::Incoming(Packet::PubAck(_)) = events.poll().await? {
+                acked += 1;
             }
         }
         let elapsed = start.elapsed();
