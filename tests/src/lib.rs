@@ -111,6 +111,11 @@ pub fn artifact(
     Ok(bytes)
 }
 
+/// A desired-state document as the fleet sends it: `revision` and `components`.
+pub fn desired_doc(revision: u64, components: serde_json::Value) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&serde_json::json!({ "revision": revision, "components": components }))
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

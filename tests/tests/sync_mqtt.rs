@@ -213,9 +213,7 @@ fn desired_state_from_a_retained_topic_is_applied_and_bad_ones_are_reported() ->
     let mut agent = Perchd::start(&agent_dir, launch.clone())?;
     let timer = agent.upload_blob(&examples::bytes(examples::TIMER))?;
     let noop = agent.upload_blob(&examples::bytes(examples::NOOP))?;
-    let doc = |revision: u64, components: Value| {
-        serde_json::to_vec(&json!({ "revision": revision, "components": components }))
-    };
+    let doc = perch_tests::desired_doc;
 
     fleet.publish(
         &desired,
@@ -688,9 +686,7 @@ fn artifacts_from_urls_resume_and_commands_are_answered() -> TestResult {
     };
     let agent_dir = dir.path().join("agent");
     let mut agent = Perchd::start(&agent_dir, launch.clone())?;
-    let doc = |revision: u64, components: Value| {
-        serde_json::to_vec(&json!({ "revision": revision, "components": components }))
-    };
+    let doc = perch_tests::desired_doc;
 
     let timer = examples::bytes(examples::TIMER);
     let digest = perch_core::Digest::of(&timer).to_string();

@@ -291,9 +291,7 @@ fn desired_state_from_the_hub_is_applied_after_reconnect_and_bad_ones_are_reject
         |_| {},
     )?)?;
 
-    let doc = |revision: u64, components: Value| {
-        serde_json::to_vec(&json!({ "revision": revision, "components": components }))
-    };
+    let doc = perch_tests::desired_doc;
     api.put(
         &key,
         &doc(
@@ -483,9 +481,7 @@ fn artifacts_come_from_the_hub_object_store_and_commands_are_answered() -> TestR
             ..Launch::default()
         },
     )?;
-    let doc = |revision: u64, components: Value| {
-        serde_json::to_vec(&json!({ "revision": revision, "components": components }))
-    };
+    let doc = perch_tests::desired_doc;
     let desired_of =
         |a: &Perchd| -> anyhow::Result<Value> { Ok(a.get("/v1/status")?["sync"].clone()) };
 

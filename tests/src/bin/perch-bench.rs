@@ -756,6 +756,20 @@ fn bench_http(rows: &mut Vec<Row>) -> Result<()> {
 
 // --- outbox backlog drained to JetStream --------------------------------------------------
 
+/// A store in `dir` whose outbox holds about `n` 100-byte records; returns it with the
+/// exact count.
+fn filled_outbox(dir: &std::path::Path, n: u64, bench: &str) -> Result<(Arc<SledStore>, u64)> {
+    let opts = SledOptions {
+        outbox_max_bytes: 1 << 30,
+        ..SledOptions::default()
+    };
+    let store = Arc::new(SledStore::open(dir.join("store"), &opts)?);
+    progress(&format!("{bench}: filling the outbox with {n} records"));
+    fill_outbox(&store, n)?;
+    let n = store.outbox_stats()?.len;
+    Ok((store, n))
+}
+
 /// Fills an outbox with `n` 100-byte records (64 appenders sharing group commits).
 fn fill_outbox(store: &Arc<SledStore>, n: u64) -> Result<()> {
     let threads = 64u64;
@@ -805,14 +819,7 @@ fn bench_drain(rows: &mut Vec<Row>, n: u64) -> Result<()> {
             "duplicate_window": 120_000_000_000u64,
         }))?;
     }
-    let opts = SledOptions {
-        outbox_max_bytes: 1 << 30,
-        ..SledOptions::default()
-    };
-    let store = Arc::new(SledStore::open(dir.path().join("store"), &opts)?);
-    progress(&format!("drain: filling the outbox with {n} records"));
-    fill_outbox(&store, n)?;
-    let n = store.outbox_stats()?.len;
+    let (store, n) = filled_outbox(dir.path(), n, "drain")?;
 
     let rt = bench_tokio()?;
     let me = std::process::id().to_string();
@@ -938,14 +945,7 @@ fn bench_drain_mqtt(rows: &mut Vec<Row>, n: u64) -> Result<()> {
 
     let dir = tempfile::tempdir()?;
     let broker = Mosquitto::start(&dir.path().join("mosquitto"), "")?;
-    let opts = SledOptions {
-        outbox_max_bytes: 1 << 30,
-        ..SledOptions::default()
-    };
-    let store = Arc::new(SledStore::open(dir.path().join("store"), &opts)?);
-    progress(&format!("drain-mqtt: filling the outbox with {n} records"));
-    fill_outbox(&store, n)?;
-    let n = store.outbox_stats()?.len;
+    let (store, n) = filled_outbox(dir.path(), n, "drain-mqtt")?;
     let rt = bench_tokio()?;
     let me = std::process::id().to_string();
     let rss0 = status_kib(&me, "VmRSS:");
