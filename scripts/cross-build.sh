@@ -28,7 +28,7 @@ case "$target" in
         export CC_x86_64_unknown_linux_musl=musl-gcc
         ;;
     aarch64-unknown-linux-musl)
-        need_deb gcc-aarch64-linux-gnu
+        need_deb gcc-aarch64-linux-gnu libc6-dev-arm64-cross
         export CC_aarch64_unknown_linux_musl=aarch64-linux-gnu-gcc
         export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld
         ;;

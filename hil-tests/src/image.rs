@@ -9,15 +9,20 @@ use perch_core::board::BoardConfig;
 
 use crate::MachineSpec;
 
-/// The device config baked into test images: the API on all interfaces (QEMU forwards a
-/// loopback port to it), data on the data partition, unsigned test components accepted.
-pub const TEST_DEVICE_CONFIG: &str = r#"data-dir = "/var/lib/perch/data"
+/// The device config baked into test images for `board`: the API on all interfaces (QEMU
+/// forwards a loopback port to it), data on the data partition, the board's real hardware
+/// (its file ships in the image), unsigned test components accepted.
+pub fn test_device_config(board: &str) -> String {
+    format!(
+        r#"data-dir = "/var/lib/perch/data"
 listen = "0.0.0.0:7070"
-board = "sim"
+board = "{board}"
 
 [signing]
 allow-unsigned = true
-"#;
+"#
+    )
+}
 
 /// `perchd` for `target`: `PERCH_HIL_PERCHD` if set, else built by `scripts/cross-build.sh`.
 pub fn perchd_for(target: &str) -> Result<PathBuf> {
@@ -40,8 +45,8 @@ pub fn perchd_for(target: &str) -> Result<PathBuf> {
 /// Builds `board`'s image into `out` and returns how to boot it.
 pub fn build(board: &str, out: &Path) -> Result<MachineSpec> {
     let root = perch_tests::repo_root();
-    let board = BoardConfig::load(&root.join("board-configs").join(format!("{board}.toml")))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let board_file = root.join("board-configs").join(format!("{board}.toml"));
+    let board = BoardConfig::load(&board_file).map_err(|e| anyhow::anyhow!("{e}"))?;
     let target = board
         .image
         .rust_target
@@ -56,10 +61,10 @@ pub fn build(board: &str, out: &Path) -> Result<MachineSpec> {
     let perchd = perchd_for(&target)?;
     let outputs = perch_image::build(
         &perch_image::Inputs {
-            board,
+            device_config: test_device_config(&board.name),
+            board_file,
             perchd,
             lock: root.join("image/debian.lock"),
-            device_config: TEST_DEVICE_CONFIG.into(),
             data_files: Vec::new(),
             data_mib: 256,
         },

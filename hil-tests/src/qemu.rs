@@ -74,6 +74,17 @@ pub fn qemu_binary(arch: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
     Ok((bin, firmware))
 }
 
+/// The emulated CPU for `arch`, where the machine's default does not suit: `virt` boards
+/// have no default 64-bit CPU, and the Cortex-A57 (ARMv8.0) is the cheapest to emulate
+/// (`max` adds pointer authentication, which TCG emulates slowly).
+fn cpu_model(arch: &str) -> Option<&'static str> {
+    match arch {
+        "aarch64" => Some("cortex-a57"),
+        "arm" => Some("cortex-a15"),
+        _ => None,
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
@@ -118,8 +129,11 @@ impl Machine {
             _ => "ttyAMA0",
         };
         cmd.args(["-M", &spec.machine, "-m", &spec.memory_mib.to_string()])
-            .args(["-accel", "tcg", "-smp", "1"])
-            .args(["-nographic", "-no-reboot"])
+            .args(["-accel", "tcg", "-smp", "1"]);
+        if let Some(cpu) = cpu_model(&spec.arch) {
+            cmd.args(["-cpu", cpu]);
+        }
+        cmd.args(["-nographic", "-no-reboot"])
             .arg("-kernel")
             .arg(&spec.kernel)
             .arg("-initrd")

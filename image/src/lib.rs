@@ -39,8 +39,9 @@ pub struct Outputs {
 /// Inputs of one build.
 #[derive(Debug, Clone)]
 pub struct Inputs {
-    /// The board (`board-configs/<name>.toml`).
-    pub board: BoardConfig,
+    /// The board file (`board-configs/<name>.toml`); the image ships it, with its
+    /// `inherit` chain merged, as `/etc/perch/boards/<name>.toml`.
+    pub board_file: PathBuf,
     /// `perchd` built for the board's Rust target.
     pub perchd: PathBuf,
     /// `image/debian.lock`.
@@ -65,12 +66,14 @@ fn debian_arch(arch: &str) -> Result<&'static str> {
 
 /// Builds the board's kernel, initramfs and data partition into `out`.
 pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
-    let arch = inputs
-        .board
+    let board = BoardConfig::load(&inputs.board_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let board_toml =
+        BoardConfig::flattened(&inputs.board_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let arch = board
         .image
         .arch
         .as_deref()
-        .with_context(|| format!("board `{}` has no `arch`", inputs.board.name))?;
+        .with_context(|| format!("board `{}` has no `arch`", board.name))?;
     let deb_arch = debian_arch(arch)?;
     let lock = debs::read_lock(&inputs.lock)?;
     let cache = debs::cache_dir();
@@ -108,7 +111,7 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
         .context("the kernel package has no /lib/modules/<version>")?;
     let mods = modules::load_order(
         &modules_root.join("kernel"),
-        &inputs.board.image.modules,
+        &board.image.modules,
         &modules::builtin(&modules_root),
     )?;
 
@@ -123,7 +126,14 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
     let perchd = std::fs::read(&inputs.perchd)
         .with_context(|| format!("reading perchd at {}", inputs.perchd.display()))?;
     let initrd = out.join("initrd.img");
-    write_initramfs(&initrd, &busybox, &perchd, &mods)?;
+    let board_path = format!("/etc/perch/boards/{}.toml", board.name);
+    write_initramfs(
+        &initrd,
+        &busybox,
+        &perchd,
+        &mods,
+        (&board_path, &board_toml),
+    )?;
     let kernel = out.join("vmlinuz");
     std::fs::copy(&vmlinuz, &kernel)?;
 
@@ -194,7 +204,13 @@ done
 }
 
 /// Writes the initramfs: busybox, perchd, the modules in load order and `/init`.
-fn write_initramfs(path: &Path, busybox: &[u8], perchd: &[u8], modules: &[PathBuf]) -> Result<()> {
+fn write_initramfs(
+    path: &Path,
+    busybox: &[u8],
+    perchd: &[u8],
+    modules: &[PathBuf],
+    board: (&str, &str),
+) -> Result<()> {
     use cpio::Entry;
     let dir = |p: &str| Entry::Dir {
         path: p.into(),
@@ -204,6 +220,8 @@ fn write_initramfs(path: &Path, busybox: &[u8], perchd: &[u8], modules: &[PathBu
         dir("/bin"),
         dir("/dev"),
         dir("/etc"),
+        dir("/etc/perch"),
+        dir("/etc/perch/boards"),
         dir("/lib"),
         dir("/lib/modules"),
         dir("/proc"),
@@ -223,6 +241,11 @@ fn write_initramfs(path: &Path, busybox: &[u8], perchd: &[u8], modules: &[PathBu
             path: "/bin/busybox".into(),
             mode: 0o755,
             data: busybox.to_vec(),
+        },
+        Entry::File {
+            path: board.0.into(),
+            mode: 0o644,
+            data: board.1.as_bytes().to_vec(),
         },
         Entry::File {
             path: "/usr/bin/perchd".into(),

@@ -226,6 +226,16 @@ impl BoardConfig {
         })
     }
 
+    /// The board file at `path` with its `inherit` chain merged in: one self-contained TOML
+    /// document (what a firmware image ships in `/etc/perch/boards/`).
+    pub fn flattened(path: &Path) -> Result<String, BoardError> {
+        let table = load_merged(path, 0)?;
+        toml::to_string(&table).map_err(|e| BoardError {
+            source_name: path.display().to_string(),
+            problems: vec![problem("", format!("cannot write the merged board: {e}"))],
+        })
+    }
+
     /// Finds board `name_or_path`: a path to a `.toml` file, or a name looked up as
     /// `<dir>/<name>.toml` in `dirs`, in order.
     pub fn find(name_or_path: &str, dirs: &[PathBuf]) -> Result<PathBuf, String> {
@@ -533,6 +543,13 @@ w1 = "28-0000"
             }
         );
         assert_eq!(b.sensors.len(), 2);
+
+        // Flattened, the variant stands alone: the same board without its base file.
+        let flat = BoardConfig::flattened(&variant).expect("flattened");
+        assert!(!flat.contains("inherit"), "{flat}");
+        let alone = tempfile::tempdir().expect("tempdir");
+        let f = BoardConfig::load(&write(alone.path(), "variant.toml", &flat)).expect("valid");
+        assert_eq!((f.gpio, f.sensors, f.image), (b.gpio, b.sensors, b.image));
     }
 
     #[test]
