@@ -3,7 +3,8 @@
 # the wasm32-wasip2 Rust target and a few Debian packages (curl, iproute2, util-linux, and
 # the nats-server and mosquitto brokers the sync tests start on free ports, and openssl,
 # which makes the certificates of the TLS test), and for the firmware images and their
-# hardware-in-the-loop tests: musl-tools (static perchd), e2fsprogs (mke2fs -d), and the
+# hardware-in-the-loop tests: musl-tools (static perchd), e2fsprogs (mke2fs -d), mtools (the
+# FAT boot and slot partitions), zstd (disk.img.zst), and the
 # shared libraries of QEMU, whose Debian packages the HIL harness unpacks into its cache
 # rather than installing (Debian 12's QEMU 7.2 conflicts with a newer qemu-utils).
 set -euo pipefail
@@ -18,6 +19,8 @@ command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || need_pkgs+=(mosquitto)
 command -v musl-gcc >/dev/null || need_pkgs+=(musl-tools)
 command -v mke2fs >/dev/null || [[ -x /usr/sbin/mke2fs ]] || need_pkgs+=(e2fsprogs)
+command -v mformat >/dev/null || need_pkgs+=(mtools)
+command -v zstd >/dev/null || need_pkgs+=(zstd)
 for lib in libcapstone4 libfdt1 libpmem1 librdmacm1 libibverbs1 libslirp0 libvdeplug2; do
     dpkg -s "$lib" >/dev/null 2>&1 || need_pkgs+=("$lib")
 done

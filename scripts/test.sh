@@ -13,7 +13,10 @@ cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 # The end-to-end tests start the perchd binary, so build it before running them.
 cargo build --release --workspace --bins
-# The hardware-in-the-loop tests boot a firmware image with a static perchd for the board.
-PERCH_HIL_PERCHD="$(scripts/cross-build.sh x86_64-unknown-linux-musl)"
-export PERCH_HIL_PERCHD
+# The hardware-in-the-loop tests boot the aarch64 firmware image (QEMU virt through U-Boot)
+# with a static perchd cross-built for it; scripts/hil.sh runs them on every board.
+PERCH_HIL_BOARD="${PERCH_HIL_BOARD:-qemu-aarch64-virt}"
+PERCH_HIL_PERCHD="$(scripts/cross-build.sh aarch64-unknown-linux-musl)"
+export PERCH_HIL_BOARD PERCH_HIL_PERCHD
+scripts/size-gate.sh aarch64-unknown-linux-musl "$PERCH_HIL_PERCHD"
 cargo test --release --workspace "$@"

@@ -11,6 +11,7 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod builder;
 mod compose;
+mod image;
 mod keys;
 mod remote;
 mod run;
@@ -164,10 +165,49 @@ enum Cmd {
         #[command(subcommand)]
         command: KeyCmd,
     },
+    /// Build a board's firmware image, or flash one.
+    Image {
+        #[command(subcommand)]
+        command: ImageCmd,
+    },
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Build the flashable disk (disk.img.zst) and the A/B slot image of a board, with
+    /// perchd cross-built for it and components preloaded (run inside a Perch checkout).
+    Build {
+        /// Board name (board-configs/<name>.toml) or board file.
+        #[arg(long)]
+        board: String,
+        /// Output directory (default: target/perch-image/<board>).
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// A perchd built for the board (default: scripts/cross-build.sh builds it).
+        #[arg(long)]
+        perchd: Option<PathBuf>,
+        /// The device config (default: the board, the API on port 7070, preloads on).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Components (.wasm) the first boot deploys, offline.
+        #[arg(long)]
+        preload: Vec<PathBuf>,
+    },
+    /// Write an image (.img or .img.zst) to a block device or file and verify it. Refuses
+    /// a mounted disk (which includes the running system's).
+    Flash {
+        /// The image: disk.img.zst or disk.img.
+        image: PathBuf,
+        /// The device, e.g. /dev/sdb or /dev/mmcblk0.
+        target: PathBuf,
+        /// Do not ask before overwriting a block device.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -330,6 +370,25 @@ fn dispatch(shell: &Shell, cmd: Cmd) -> Result<()> {
             follow,
             json,
         } => logs(&remote::Device::new(&device)?, &name, lines, follow, json),
+        Cmd::Image { command } => match command {
+            ImageCmd::Build {
+                board,
+                out,
+                perchd,
+                config,
+                preload,
+            } => image::build(
+                shell,
+                image::BuildOptions {
+                    board,
+                    out,
+                    perchd,
+                    config,
+                    preload,
+                },
+            ),
+            ImageCmd::Flash { image, target, yes } => image::flash(shell, &image, &target, yes),
+        },
         Cmd::Key { command } => match command {
             KeyCmd::New { force } => {
                 let key = keys::create(force)?;

@@ -7,7 +7,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use perch_core::board::BoardConfig;
 
-use crate::MachineSpec;
+use crate::{Boot, MachineSpec};
 
 /// The device config baked into test images for `board`: the API on all interfaces (QEMU
 /// forwards a loopback port to it), data on the data partition, the board's real hardware
@@ -42,8 +42,24 @@ pub fn perchd_for(target: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// A board's image, built for a test.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// How to boot it.
+    pub spec: MachineSpec,
+    /// Its slot image (what `PUT /v1/system/update` installs).
+    pub slot: PathBuf,
+    /// The board's bootloader (`u-boot`, `direct`).
+    pub bootloader: String,
+}
+
 /// Builds `board`'s image into `out` and returns how to boot it.
 pub fn build(board: &str, out: &Path) -> Result<MachineSpec> {
+    Ok(build_with(board, out, None)?.spec)
+}
+
+/// Builds `board`'s image into `out` with `perchd` (default: the board's cross-built agent).
+pub fn build_with(board: &str, out: &Path, perchd: Option<PathBuf>) -> Result<Image> {
     let root = perch_tests::repo_root();
     let board_file = root.join("board-configs").join(format!("{board}.toml"));
     let board = BoardConfig::load(&board_file).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -58,7 +74,16 @@ pub fn build(board: &str, out: &Path) -> Result<MachineSpec> {
         .qemu_machine
         .clone()
         .context("the board has no qemu-machine")?;
-    let perchd = perchd_for(&target)?;
+    let perchd = match perchd {
+        Some(p) => p,
+        None => perchd_for(&target)?,
+    };
+    let bootloader = board
+        .image
+        .bootloader
+        .clone()
+        .unwrap_or_else(|| "direct".into());
+    let uboot = bootloader == "u-boot";
     let outputs = perch_image::build(
         &perch_image::Inputs {
             device_config: test_device_config(&board.name),
@@ -70,15 +95,26 @@ pub fn build(board: &str, out: &Path) -> Result<MachineSpec> {
         },
         out,
     )?;
-    Ok(MachineSpec {
+    let spec = MachineSpec {
         arch: match arch.as_str() {
             "armv7" => "arm".into(),
             other => other.into(),
         },
         machine,
-        kernel: outputs.kernel,
-        initrd: outputs.initrd,
-        data: outputs.data,
+        boot: if uboot {
+            Boot::UBoot
+        } else {
+            Boot::Direct {
+                kernel: outputs.kernel,
+                initrd: outputs.initrd,
+            }
+        },
+        disk: outputs.disk,
         memory_mib: 1024,
+    };
+    Ok(Image {
+        spec,
+        slot: outputs.slot,
+        bootloader,
     })
 }

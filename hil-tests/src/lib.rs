@@ -6,4 +6,4 @@
 pub mod image;
 pub mod qemu;
 
-pub use qemu::{Machine, MachineSpec};
+pub use qemu::{Boot, Machine, MachineSpec};

@@ -19,6 +19,7 @@ pub const QEMU_PACKAGES: &[&str] = &[
     "qemu-system-data",
     "seabios",
     "ipxe-qemu",
+    "u-boot-qemu",
 ];
 
 /// Where QEMU is unpacked: `PERCH_QEMU_DIR`, else `~/.cache/perch/qemu`.
@@ -85,6 +86,17 @@ fn cpu_model(arch: &str) -> Option<&'static str> {
     }
 }
 
+/// How the machine starts the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// QEMU loads slot A's kernel and initramfs itself (`-kernel`, `-initrd`); a guest
+    /// reboot ends QEMU.
+    Direct { kernel: PathBuf, initrd: PathBuf },
+    /// U-Boot (Debian's `u-boot-qemu`, `-bios`) runs the image's A/B boot script from the
+    /// disk; a guest reboot goes through U-Boot again, as on the board.
+    UBoot,
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct MachineSpec {
@@ -92,11 +104,29 @@ pub struct MachineSpec {
     pub arch: String,
     /// `q35`, `virt`, ...
     pub machine: String,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    /// The data partition (a raw image; writes reach it only when the guest flushes).
-    pub data: PathBuf,
+    pub boot: Boot,
+    /// The whole disk (a raw image; writes reach it only when the guest flushes).
+    pub disk: PathBuf,
     pub memory_mib: u32,
+}
+
+/// U-Boot for QEMU's `arch` from the unpacked `u-boot-qemu`.
+fn uboot_binary(arch: &str) -> Result<PathBuf> {
+    let (_, _) = qemu_binary(arch)?;
+    let board = match arch {
+        "aarch64" => "qemu_arm64",
+        "arm" => "qemu_arm",
+        other => bail!("no U-Boot for QEMU's {other}"),
+    };
+    let bin = qemu_dir().join("root/usr/lib/u-boot").join(board).join("u-boot.bin");
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: remove {} to unpack the QEMU packages again",
+            bin.display(),
+            qemu_dir().display()
+        );
+    }
+    Ok(bin)
 }
 
 /// A running QEMU; killed when dropped.
@@ -133,16 +163,27 @@ impl Machine {
         if let Some(cpu) = cpu_model(&spec.arch) {
             cmd.args(["-cpu", cpu]);
         }
-        cmd.args(["-nographic", "-no-reboot"])
-            .arg("-kernel")
-            .arg(&spec.kernel)
-            .arg("-initrd")
-            .arg(&spec.initrd)
-            .args(["-append", &format!("console={serial} panic=-1 loglevel=6")])
-            .arg("-drive")
+        cmd.arg("-nographic");
+        match &spec.boot {
+            Boot::Direct { kernel, initrd } => {
+                cmd.arg("-no-reboot")
+                    .arg("-kernel")
+                    .arg(kernel)
+                    .arg("-initrd")
+                    .arg(initrd)
+                    .args([
+                        "-append",
+                        &format!("console={serial} panic=-1 loglevel=6 perch.slot=a perch.trial=0"),
+                    ]);
+            }
+            Boot::UBoot => {
+                cmd.arg("-bios").arg(uboot_binary(&spec.arch)?);
+            }
+        }
+        cmd.arg("-drive")
             .arg(format!(
                 "file={},if=virtio,format=raw,cache=writeback",
-                spec.data.display()
+                spec.disk.display()
             ))
             .args([
                 "-netdev",

@@ -14,7 +14,7 @@ use perch_tests::{artifact, examples, repo_root};
 use serde_json::Value;
 
 fn board() -> String {
-    std::env::var("PERCH_HIL_BOARD").unwrap_or_else(|_| "qemu-x86_64".into())
+    std::env::var("PERCH_HIL_BOARD").unwrap_or_else(|_| "qemu-aarch64-virt".into())
 }
 
 fn outbox(m: &Machine) -> anyhow::Result<Value> {

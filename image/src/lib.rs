@@ -13,6 +13,7 @@
 
 pub mod cpio;
 pub mod debs;
+pub mod disk;
 pub mod modules;
 
 use std::path::{Path, PathBuf};
@@ -27,13 +28,36 @@ pub const EPOCH: u64 = 1_704_067_200;
 pub const DATA_UUID: &str = "50455243-4800-4000-8000-000000000001";
 /// The port perchd listens on inside the image.
 pub const AGENT_PORT: u16 = 7070;
+/// The disk's MBR signature (fixed, for reproducible bytes).
+pub const DISK_SIGNATURE: u32 = 0x5045_5243;
+/// Size of the boot partition (the boot script and the A/B state file).
+pub const BOOT_MIB: u64 = 16;
+/// Size of each A/B slot (the kernel and the initramfs).
+pub const SLOT_MIB: u64 = 128;
+/// The A/B state file on the boot partition (`perch_slot=a`, see [`disk::ab_script`]).
+pub const BOOT_ENV: &str = "perch.env";
+/// Seconds a trial boot has to commit before `/init` reboots into the previous slot.
+pub const TRIAL_TIMEOUT_S: u32 = 90;
+/// Modules every image loads, whatever the board: the data partition's ext4 and the boot
+/// partition's FAT (whose default code page and character set are built as modules).
+pub const IMAGE_MODULES: &[&str] = &["ext4", "vfat", "nls_cp437", "nls_ascii", "nls_utf8"];
 
 /// What [`build`] made.
 #[derive(Debug, Clone)]
 pub struct Outputs {
+    /// The slot's kernel and initramfs, also inside `slot` (for direct kernel boots).
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The data partition's ext4 image.
     pub data: PathBuf,
+    /// The boot partition's FAT image (the boot script and the A/B state file).
+    pub boot: PathBuf,
+    /// A slot's FAT image: what an A/B update installs into the inactive slot.
+    pub slot: PathBuf,
+    /// The whole disk (boot, slot A, slot B empty, data), raw.
+    pub disk: PathBuf,
+    /// The same, compressed with zstd, for flashing.
+    pub disk_zst: PathBuf,
 }
 
 /// Inputs of one build.
@@ -109,9 +133,15 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .next()
         .context("the kernel package has no /lib/modules/<version>")?;
+    let mut wanted: Vec<String> = board.image.modules.clone();
+    for m in IMAGE_MODULES {
+        if !wanted.iter().any(|w| w == m) {
+            wanted.push((*m).to_string());
+        }
+    }
     let mods = modules::load_order(
         &modules_root.join("kernel"),
-        &board.image.modules,
+        &wanted,
         &modules::builtin(&modules_root),
     )?;
 
@@ -127,12 +157,15 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
         .with_context(|| format!("reading perchd at {}", inputs.perchd.display()))?;
     let initrd = out.join("initrd.img");
     let board_path = format!("/etc/perch/boards/{}.toml", board.name);
+    let disk_dev = board.image.disk.clone().unwrap_or_else(|| "/dev/vda".into());
+    let init = init_script(&disk_dev, &module_names(&mods)?);
     write_initramfs(
         &initrd,
         &busybox,
         &perchd,
         &mods,
         (&board_path, &board_toml),
+        &init,
     )?;
     let kernel = out.join("vmlinuz");
     std::fs::copy(&vmlinuz, &kernel)?;
@@ -150,12 +183,98 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
     }
     let data = out.join("data.img");
     make_ext4(&data_dir, &data, inputs.data_mib, "perch-data", DATA_UUID)?;
+
+    step("slot and boot partitions");
+    let slot = out.join("slot.img");
+    disk::make_vfat(
+        &slot,
+        SLOT_MIB,
+        DISK_SIGNATURE + 2,
+        &[("vmlinuz", kernel.as_path()), ("initrd.img", initrd.as_path())],
+    )?;
+    let boot_files = work.join("boot");
+    std::fs::create_dir_all(&boot_files)?;
+    let env = boot_files.join(BOOT_ENV);
+    std::fs::write(&env, "perch_slot=a\n")?;
+    let mut boot_list = vec![(BOOT_ENV, env.clone())];
+    if board.image.bootloader.as_deref() == Some("u-boot") {
+        let (console, cmd) = match arch {
+            "aarch64" => ("ttyAMA0", "booti"),
+            _ => ("ttyAMA0", "bootz"),
+        };
+        let script = disk::uboot_script(&disk::ab_script(console, cmd), arch, "perch A/B boot")?;
+        let scr = boot_files.join("boot.scr");
+        std::fs::write(&scr, script)?;
+        boot_list.push(("boot.scr", scr));
+    }
+    let boot = out.join("boot.img");
+    let boot_refs: Vec<(&str, &Path)> = boot_list.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    disk::make_vfat(&boot, BOOT_MIB, DISK_SIGNATURE + 1, &boot_refs)?;
+
+    step("disk");
+    // Slot B starts empty (zeros): the first update fills it.
+    let empty_b = work.join("slot-b.img");
+    std::fs::File::create(&empty_b)?.set_len(SLOT_MIB << 20)?;
+    let disk_img = out.join("disk.img");
+    let part = |kind, bootable, image: &Path| disk::Partition {
+        kind,
+        bootable,
+        image: image.to_path_buf(),
+    };
+    disk::write(
+        &disk_img,
+        &[
+            part(disk::TYPE_FAT, true, &boot),
+            part(disk::TYPE_FAT, false, &slot),
+            part(disk::TYPE_FAT, false, &empty_b),
+            part(disk::TYPE_LINUX, false, &data),
+        ],
+        DISK_SIGNATURE,
+    )?;
+    step("compressing the disk (zstd)");
+    let disk_zst = out.join("disk.img.zst");
+    let status = Command::new("zstd")
+        .args(["-q", "-f", "-T1", "--no-progress"])
+        .arg(&disk_img)
+        .arg("-o")
+        .arg(&disk_zst)
+        .status()
+        .context("running zstd (Debian package zstd)")?;
+    if !status.success() {
+        bail!("zstd failed ({status}) compressing {}", disk_img.display());
+    }
     std::fs::remove_dir_all(&work)?;
     Ok(Outputs {
         kernel,
         initrd,
         data,
+        boot,
+        slot,
+        disk: disk_img,
+        disk_zst,
     })
+}
+
+/// The module names (file stems) of module paths, in order.
+fn module_names(mods: &[PathBuf]) -> Result<Vec<String>> {
+    mods.iter()
+        .map(|m| {
+            m.file_stem()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+                .with_context(|| format!("module path {}", m.display()))
+        })
+        .collect()
+}
+
+/// The device of partition `n` of `disk` (`/dev/vda` 1 -> `/dev/vda1`, `/dev/mmcblk0` 1 ->
+/// `/dev/mmcblk0p1`).
+pub fn partition(disk: &str, n: u8) -> String {
+    if disk.ends_with(|c: char| c.is_ascii_digit()) {
+        format!("{disk}p{n}")
+    } else {
+        format!("{disk}{n}")
+    }
 }
 
 fn step(what: &str) {
@@ -163,10 +282,13 @@ fn step(what: &str) {
     eprintln!("image: {what}");
 }
 
-/// The `/init` of the image: mounts, loads modules, mounts the data partition at
-/// `/var/lib/perch`, brings up the network (QEMU user networking's fixed addresses when
-/// there is no DHCP client answer), and runs perchd again whenever it exits.
-pub fn init_script(modules: &[String]) -> String {
+/// The `/init` of the image: mounts, loads modules, mounts the data partition (`<disk>4`)
+/// at `/var/lib/perch` and the boot partition (`<disk>1`) at `/boot`, brings up the network
+/// (QEMU user networking's fixed addresses), and runs perchd again whenever it exits. On a
+/// trial boot (`perch.trial=1` on the kernel command line) it also keeps the A/B promise:
+/// a slot that has not committed within `perch.trial_timeout` seconds (default
+/// [`TRIAL_TIMEOUT_S`]) reboots, and the bootloader falls back to the previous slot.
+pub fn init_script(disk: &str, modules: &[String]) -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -176,13 +298,37 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "perch-init: loading modules"
 for m in {modules}; do insmod /lib/modules/$m.ko || echo "perch-init: module $m failed"; done
-mkdir -p /var/lib/perch /tmp
+mkdir -p /var/lib/perch /tmp /boot
+slot=a
+trial=0
+timeout={timeout}
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    perch.slot=*) slot="${{arg#perch.slot=}}" ;;
+    perch.trial=*) trial="${{arg#perch.trial=}}" ;;
+    perch.trial_timeout=*) timeout="${{arg#perch.trial_timeout=}}" ;;
+  esac
+done
 i=0
-while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
-if mount -t ext4 -o noatime /dev/vda /var/lib/perch; then
+while [ ! -b {data} ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+if mount -t ext4 -o noatime {data} /var/lib/perch; then
   echo "perch-init: data partition mounted"
 else
   echo "perch-init: no data partition; running from RAM"
+fi
+if mount -t vfat -o noatime {boot} /boot; then
+  echo "perch-init: boot partition mounted (slot $slot, trial $trial)"
+fi
+if [ "$trial" = 1 ]; then
+  echo "perch-init: trial boot of slot $slot: it must commit within $timeout s"
+  (
+    sleep "$timeout"
+    if ! grep -q "^perch_slot=$slot\$" /boot/{env}; then
+      echo "perch-init: slot $slot did not commit within $timeout s: rebooting into the previous slot"
+      sync
+      reboot -f
+    fi
+  ) &
 fi
 ip link set lo up
 if ip link set eth0 up 2>/dev/null; then
@@ -199,7 +345,11 @@ while true; do
   sleep 1
 done
 "#,
-        modules = modules.join(" ")
+        modules = modules.join(" "),
+        timeout = TRIAL_TIMEOUT_S,
+        data = partition(disk, 4),
+        boot = partition(disk, 1),
+        env = BOOT_ENV,
     )
 }
 
@@ -210,6 +360,7 @@ fn write_initramfs(
     perchd: &[u8],
     modules: &[PathBuf],
     board: (&str, &str),
+    init: &str,
 ) -> Result<()> {
     use cpio::Entry;
     let dir = |p: &str| Entry::Dir {
@@ -253,24 +404,17 @@ fn write_initramfs(
             data: perchd.to_vec(),
         },
     ];
-    let mut names = Vec::new();
-    for m in modules {
-        let name = m
-            .file_stem()
-            .and_then(|n| n.to_str())
-            .context("module path")?
-            .to_string();
+    for (m, name) in modules.iter().zip(module_names(modules)?) {
         entries.push(Entry::File {
             path: format!("/lib/modules/{name}.ko"),
             mode: 0o644,
             data: std::fs::read(m)?,
         });
-        names.push(name);
     }
     entries.push(Entry::File {
         path: "/init".into(),
         mode: 0o755,
-        data: init_script(&names).into_bytes(),
+        data: init.as_bytes().to_vec(),
     });
     let mut bytes = Vec::new();
     cpio::write(&mut bytes, &entries)?;

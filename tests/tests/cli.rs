@@ -416,3 +416,66 @@ triggers = [{{ startup = true }}]
     assert!(out.contains("`bad` does not import it"), "{out}");
     Ok(())
 }
+
+/// `perch image build` makes a board's disk with the device config and preloaded
+/// components baked in; `perch image flash` writes it to a target and verifies it, and
+/// refuses what it must not touch.
+#[test]
+fn image_build_and_flash() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    // Any executable stands in for perchd: this checks the CLI and the builder, not the agent.
+    let fake = dir.path().join("perchd");
+    std::fs::write(&fake, "#!/bin/sh\necho perchd\n")?;
+    let out = dir.path().join("image");
+    let log = run(perch(&config)
+        .current_dir(repo_root())
+        .args(["image", "build", "--board", "qemu-x86_64", "--perchd"])
+        .arg(&fake)
+        .arg("--preload")
+        .arg(perch_tests::examples::TIMER)
+        .arg("--out")
+        .arg(&out))?;
+    assert!(log.contains("disk.img.zst"), "{log}");
+    for f in ["disk.img", "disk.img.zst", "slot.img", "boot.img", "data.img"] {
+        assert!(out.join(f).is_file(), "{f} missing:\n{log}");
+    }
+    // The data partition holds the device config and the preloaded component.
+    let listing = Command::new("debugfs")
+        .args(["-R", "ls -p /preload"])
+        .arg(out.join("data.img"))
+        .output()?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("timer.wasm"), "{listing}");
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /perchd.toml"])
+        .arg(out.join("data.img"))
+        .output()?;
+    let device_config = String::from_utf8_lossy(&cat.stdout);
+    assert!(device_config.contains("board = \"qemu-x86_64\""), "{device_config}");
+    assert!(device_config.contains("preload-dir"), "{device_config}");
+
+    let sd = dir.path().join("sd.img");
+    let log = run(perch(&config)
+        .args(["image", "flash"])
+        .arg(out.join("disk.img.zst"))
+        .arg(&sd))?;
+    assert!(log.contains("verified"), "{log}");
+    assert!(
+        std::fs::read(&sd)? == std::fs::read(out.join("disk.img"))?,
+        "the flashed bytes are the disk's"
+    );
+
+    // An unknown board is refused naming the known ones. (Mounted disks are refused too:
+    // a unit test of the CLI checks that against a mount table, never against this
+    // machine's own disk.)
+    let (status, text) = run_capture(
+        perch(&config)
+            .current_dir(repo_root())
+            .args(["image", "build", "--board", "no-such-board", "--perchd"])
+            .arg(&fake),
+    )?;
+    assert!(!status.success());
+    assert!(text.contains("no board `no-such-board`") && text.contains("qemu-aarch64-virt"), "{text}");
+    Ok(())
+}

@@ -126,3 +126,53 @@ fn last_tick(log: &str) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// A firmware image ships components in its `preload-dir`: the first start deploys them
+/// (offline, from the files), later starts run what the store holds and never re-read the
+/// folder, so a component removed since stays removed.
+#[test]
+fn preloaded_components_run_on_the_first_boot_only() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let preload = dir.path().join("preload");
+    std::fs::create_dir_all(&preload)?;
+    let timer = perch_tests::artifact(
+        examples::TIMER,
+        &perch_tests::repo_root().join("examples/timer/Cargo.toml"),
+        None,
+        |_| {},
+    )?;
+    std::fs::write(preload.join("timer.wasm"), &timer)?;
+    std::fs::write(preload.join("broken.wasm"), b"not a component")?;
+    std::fs::write(preload.join("notes.txt"), b"ignored")?;
+    let launch = Launch {
+        extra_config: format!("preload-dir = \"{}\"\n", preload.display()),
+        offline: true,
+        ..Launch::default()
+    };
+
+    let mut agent = Perchd::start(&dir.path().join("agent"), launch.clone())?;
+    agent.wait_for(Duration::from_secs(30), "the preloaded timer ticking", |a| {
+        let c = a.component("timer")?;
+        Ok((c["invocations"].as_u64().unwrap_or(0) >= 1).then_some(()))
+    })?;
+    let status = agent.get("/v1/status")?;
+    let names: Vec<&str> = status["components"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["timer"], "the broken file is refused, the rest runs: {status}");
+    assert!(
+        agent.log().contains("preloaded component refused"),
+        "the refusal is logged"
+    );
+    let r = agent.request("DELETE", "/v1/components/timer", None)?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let revision = agent.get("/v1/status")?["revision"].clone();
+    assert!(agent.stop()?.success());
+
+    let again = Perchd::start(&dir.path().join("agent"), launch)?;
+    let status = again.get("/v1/status")?;
+    assert_eq!(status["revision"], revision, "{status}");
+    assert_eq!(status["components"], serde_json::json!([]), "{status}");
+    Ok(())
+}

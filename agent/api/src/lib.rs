@@ -21,6 +21,8 @@ use perch_core::{Command, CommandError, CommandHandler, Digest, ErrorKind, Reply
 
 /// Largest request body accepted (component uploads).
 pub const MAX_UPLOAD: usize = perch_core::MAX_COMPONENT_BYTES;
+/// Largest system image accepted (`PUT /v1/system/update`): a slot of the firmware image.
+pub const MAX_SYSTEM_IMAGE: usize = 512 << 20;
 /// Default number of log lines returned.
 pub const DEFAULT_LOG_LIMIT: usize = 100;
 
@@ -79,6 +81,12 @@ pub fn router(state: ApiState) -> Router {
             get(get_desired).put(apply_desired).post(apply_desired),
         )
         .route("/v1/messages/{*subject}", post(publish))
+        .route(
+            "/v1/system/update",
+            put(install_update)
+                .post(install_update)
+                .layer(DefaultBodyLimit::max(MAX_SYSTEM_IMAGE)),
+        )
         .route("/metrics", get(metrics))
         .route("/v1/metrics", get(metrics))
         .route("/v1", get(not_found_api))
@@ -363,6 +371,38 @@ async fn put_blob(
     )
     .await?;
     Ok((StatusCode::CREATED, axum::Json(reply)).into_response())
+}
+
+async fn install_update(
+    State(s): State<ApiState>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let mut expected_digest = None;
+    for (k, v) in parse_query(q)? {
+        match k.as_str() {
+            "digest" => expected_digest = Some(parse_digest(&v)?),
+            other => {
+                return Err(bad_request(format!(
+                    "unknown query parameter `{other}`: expected `digest`"
+                )));
+            }
+        }
+    }
+    if body.is_empty() {
+        return Err(bad_request(
+            "the request body is empty: send a slot image (slot.img of `perch image build`)",
+        ));
+    }
+    let reply = run(
+        &s,
+        Command::InstallUpdate {
+            bytes: body.to_vec(),
+            expected_digest,
+        },
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(reply)).into_response())
 }
 
 async fn get_desired(State(s): State<ApiState>) -> Result<Response, ApiError> {

@@ -101,7 +101,16 @@ pub struct ImageSpec {
     pub qemu_machine: Option<String>,
     /// Kernel modules to load at boot.
     pub modules: Vec<String>,
+    /// The block device the image is flashed to (`/dev/vda`, `/dev/mmcblk0`); its
+    /// partitions are `<disk>1`..`<disk>4` (`p1`.. when the name ends in a digit).
+    pub disk: Option<String>,
+    /// How the board boots the image's A/B slots: `u-boot` (a boot script in the boot
+    /// partition) or `direct` (the loader is given the slot's kernel, as QEMU's `-kernel`).
+    pub bootloader: Option<String>,
 }
+
+/// The bootloaders the image builder knows.
+pub const BOOTLOADERS: &[&str] = &["u-boot", "direct"];
 
 /// A validated board.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -141,6 +150,8 @@ const TOP_KEYS: &[&str] = &[
     "kernel",
     "qemu-machine",
     "modules",
+    "disk",
+    "bootloader",
     "gpio",
     "sensors",
 ];
@@ -317,6 +328,24 @@ impl BoardConfig {
         board.image.kernel = root.take::<String>("kernel");
         board.image.qemu_machine = root.take::<String>("qemu-machine");
         board.image.modules = root.take::<Vec<String>>("modules").unwrap_or_default();
+        board.image.disk = root.take::<String>("disk");
+        if let Some(d) = &board.image.disk
+            && !d.starts_with("/dev/")
+        {
+            root.problem(
+                "disk",
+                format!("`{d}` is not a block device: expected a path like `/dev/mmcblk0`"),
+            );
+        }
+        board.image.bootloader = root.take::<String>("bootloader");
+        if let Some(b) = &board.image.bootloader
+            && !BOOTLOADERS.contains(&b.as_str())
+        {
+            root.problem(
+                "bootloader",
+                format!("`{b}` is not a bootloader: use {}", BOOTLOADERS.join(" or ")),
+            );
+        }
         if let Some(mut gpio) = root.section("gpio") {
             let names: Vec<String> = gpio.table.keys().cloned().collect();
             for name in names {

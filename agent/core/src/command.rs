@@ -53,6 +53,12 @@ pub enum Command {
     Telemetry { limit: usize },
     /// Sets a simulated GPIO input line (the sim board's button).
     SetGpioInput { line: String, high: bool },
+    /// Installs a system image (a slot's filesystem) into the inactive A/B slot and reboots
+    /// into it for a one-shot trial (docs/images.md).
+    InstallUpdate {
+        bytes: Vec<u8>,
+        expected_digest: Option<Digest>,
+    },
 }
 
 /// A desired-state document as submitted: the revision is optional (next one if absent).
@@ -84,6 +90,37 @@ pub enum Reply {
     Published(Published),
     Telemetry(Vec<TelemetryRecord>),
     Gpio(GpioLevel),
+    Update(UpdateStarted),
+}
+
+/// A system update written to the inactive slot; the device reboots into it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct UpdateStarted {
+    /// The slot that now holds the update.
+    pub slot: String,
+    pub digest: Digest,
+    pub bytes: u64,
+    /// The device reboots into the slot for a trial; it commits only when healthy.
+    pub rebooting: bool,
+}
+
+/// The A/B boot state (only on devices booted from a Perch image with A/B slots).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BootStatus {
+    /// The slot this boot came from: `a` or `b`.
+    pub slot: String,
+    /// Whether this boot is a one-shot trial of a new slot.
+    pub trial: bool,
+    /// Whether the booted slot is the committed default.
+    pub committed: bool,
+    /// A slot installed and waiting for its trial boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+    /// A slot whose trial failed, so the device went back to this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<String>,
 }
 
 /// A GPIO line's level.
@@ -221,6 +258,9 @@ pub struct AgentStatus {
     /// The link to the fleet; absent when the device runs standalone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncStatus>,
+    /// The A/B boot state; absent when the device was not booted from A/B slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootStatus>,
     pub components: Vec<ComponentStatus>,
 }
 

@@ -124,6 +124,9 @@ pub struct AgentConfig {
     pub sysfs_root: PathBuf,
     /// Where device nodes live (`gpiochipN`, `i2c-N` are opened below it).
     pub dev_root: PathBuf,
+    /// Components a firmware image ships (`*.wasm`): deployed on a first boot, when the
+    /// store holds no desired state yet, so a new device runs them offline.
+    pub preload_dir: Option<PathBuf>,
     /// sled page cache size.
     pub store_cache: ByteSize,
     /// Default limits for components.
@@ -236,6 +239,7 @@ impl Default for AgentConfig {
             boards_dir: vec![PathBuf::from(DEFAULT_BOARDS_DIR)],
             sysfs_root: PathBuf::from("/sys"),
             dev_root: PathBuf::from("/dev"),
+            preload_dir: None,
             store_cache: DEFAULT_STORE_CACHE,
             limits: DefaultLimits {
                 memory: DEFAULT_MEMORY,
@@ -374,6 +378,7 @@ impl AgentConfig {
         if let Some(dev) = root.take::<PathBuf>("dev-root") {
             cfg.dev_root = dev;
         }
+        cfg.preload_dir = root.take::<PathBuf>("preload-dir");
         if let Some(cache) = root.take::<ByteSize>("store-cache") {
             cfg.store_cache = cache;
         }
@@ -576,6 +581,7 @@ impl AgentConfig {
             "boards-dir",
             "sysfs-root",
             "dev-root",
+            "preload-dir",
             "store-cache",
             "limits",
             "runtime",

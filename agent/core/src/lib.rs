@@ -13,7 +13,10 @@ pub mod spec;
 pub mod units;
 mod walk;
 
-pub use command::{Command, CommandError, CommandHandler, ErrorKind, Reply};
+pub use command::{
+    BootStatus, Command, CommandError, CommandHandler, ComponentState, ErrorKind, Reply,
+    UpdateStarted,
+};
 pub use config::AgentConfig;
 pub use digest::{Digest, DigestError};
 pub use manifest::{Manifest, ManifestError};

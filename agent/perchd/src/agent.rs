@@ -122,6 +122,8 @@ pub struct Agent {
     started: Instant,
     /// The link to the fleet, when `[sync]` is configured.
     sync: std::sync::OnceLock<perch_sync::Link>,
+    /// The A/B slots this device booted from, or why it has none.
+    slots: Result<crate::boot::Slots, String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -222,7 +224,16 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "could not prune old precompiled artifacts"),
         }
         let desired = restore_desired(store.as_ref());
+        let disk = perch_runtime::board::load(&config)
+            .ok()
+            .and_then(|b| b.image.disk);
+        let slots = crate::boot::Slots::from_system(disk.as_deref()).map_err(|e| e.to_string());
+        match &slots {
+            Ok(s) => tracing::info!(slot = %s.booted, trial = s.trial, "booted from an A/B slot"),
+            Err(reason) => tracing::debug!(%reason, "no A/B system updates"),
+        }
         let agent = Arc::new(Self {
+            slots,
             config,
             trust,
             store,
@@ -244,6 +255,11 @@ impl Agent {
             revision = desired.revision,
             "desired state restored from the local store"
         );
+        if desired.revision == 0
+            && let Some(dir) = agent.config.preload_dir.clone()
+        {
+            agent.preload(&dir).await;
+        }
         if let Some(sync_config) = &agent.config.sync {
             // A weak handle: the sync loop must not keep the agent alive.
             let device = Arc::new(SyncDevice(Arc::downgrade(&agent)));
@@ -308,6 +324,83 @@ impl Agent {
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// First boot of an image: deploys the components it ships (`<dir>/*.wasm`, each named
+    /// after its file), in name order. One that is refused is logged and skipped; the
+    /// others still run.
+    async fn preload(&self, dir: &std::path::Path) {
+        let mut files: Vec<std::path::PathBuf> = match std::fs::read_dir(dir) {
+            Ok(d) => d
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "no preloaded components");
+                return;
+            }
+        };
+        files.sort();
+        for path in files {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot read a preloaded component");
+                    continue;
+                }
+            };
+            match self
+                .deploy(Some(name.clone()), bytes, None, Vec::new(), Limits::default())
+                .await
+            {
+                Ok(_) => tracing::info!(component = %name, "preloaded component deployed"),
+                Err(e) => tracing::error!(component = %name, error = %e, "preloaded component refused"),
+            }
+        }
+    }
+
+    /// The A/B slots this device booted from, if it has them.
+    pub fn slots(&self) -> Option<&crate::boot::Slots> {
+        self.slots.as_ref().ok()
+    }
+
+    /// Writes a system image into the inactive slot, marks its trial boot and reboots
+    /// into it (after the reply has gone out).
+    async fn install_update(
+        &self,
+        bytes: Vec<u8>,
+        expected: Option<Digest>,
+    ) -> Result<Reply, CommandError> {
+        let slots = self
+            .slots
+            .as_ref()
+            .map_err(|reason| CommandError::from(crate::boot::BootError::NoSlots(reason.clone())))?
+            .clone();
+        let len = bytes.len() as u64;
+        let digest = Digest::of(&bytes);
+        let slot = tokio::task::spawn_blocking(move || slots.install(&bytes, expected.as_ref()))
+            .await
+            .map_err(internal)??;
+        let (runtime, store) = (self.runtime.clone(), self.store.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            tracing::info!("rebooting into the updated slot");
+            runtime.stop_all();
+            if let Err(e) = store.sync() {
+                tracing::error!(error = %e, "store sync before the reboot failed");
+            }
+            crate::boot::reboot();
+        });
+        Ok(Reply::Update(perch_core::UpdateStarted {
+            slot,
+            digest,
+            bytes: len,
+            rebooting: true,
+        }))
     }
 
     /// Stops all components and makes the store durable.
@@ -615,6 +708,7 @@ impl Agent {
             hardware_missing: self.runtime.board().missing(),
             outbox: self.outbox_status(),
             sync: self.sync.get().map(|s| s.state().status()),
+            boot: self.slots.as_ref().ok().map(|s| s.status()),
             components: self.runtime.status(),
         }
     }
@@ -971,6 +1065,10 @@ impl CommandHandler for Agent {
                     let delivered = self.runtime.publish(&subject, Bytes::from(payload));
                     Ok(Reply::Published(Published { delivered }))
                 }
+                Command::InstallUpdate {
+                    bytes,
+                    expected_digest,
+                } => self.install_update(bytes, expected_digest).await,
             }
         })
     }

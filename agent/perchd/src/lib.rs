@@ -3,6 +3,7 @@
 //! a thin wrapper; the CLI's in-process agent and the tests use this crate directly.
 
 pub mod agent;
+pub mod boot;
 pub mod memory;
 pub mod server;
 

@@ -109,6 +109,9 @@ async fn run(config: perch_core::AgentConfig) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    if let Some(slots) = agent.slots().filter(|s| s.trial) {
+        tokio::spawn(perchd::boot::gate(agent.clone(), slots.clone()));
+    }
     perchd::memory::trim();
     perchd::memory::settle_later();
     tracing::info!(%addr, "listening");
