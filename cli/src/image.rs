@@ -59,7 +59,8 @@ pub fn build(shell: &Shell, opts: BuildOptions) -> Result<()> {
     let board_file = if opts.board.ends_with(".toml") {
         PathBuf::from(&opts.board)
     } else {
-        root.join("board-configs").join(format!("{}.toml", opts.board))
+        root.join("board-configs")
+            .join(format!("{}.toml", opts.board))
     };
     if !board_file.is_file() {
         let known: Vec<String> = std::fs::read_dir(root.join("board-configs"))
@@ -73,7 +74,11 @@ pub fn build(shell: &Shell, opts: BuildOptions) -> Result<()> {
             })
             .unwrap_or_default();
         return Err(Failure {
-            message: format!("no board `{}` in {}", opts.board, root.join("board-configs").display()),
+            message: format!(
+                "no board `{}` in {}",
+                opts.board,
+                root.join("board-configs").display()
+            ),
             details: vec![format!("boards: {}", known.join(", "))],
         }
         .into());
@@ -81,12 +86,18 @@ pub fn build(shell: &Shell, opts: BuildOptions) -> Result<()> {
     let board = perch_core::board::BoardConfig::load(&board_file)
         .map_err(|e| Failure::msg(e.to_string()))?;
     let target = board.image.rust_target.clone().ok_or_else(|| {
-        Failure::msg(format!("board `{}` names no `rust-target`: it has no image", board.name))
+        Failure::msg(format!(
+            "board `{}` names no `rust-target`: it has no image",
+            board.name
+        ))
     })?;
     let perchd = match opts.perchd {
         Some(p) => p,
         None => {
-            shell.status("Building", format!("perchd for {target} (scripts/cross-build.sh)"));
+            shell.status(
+                "Building",
+                format!("perchd for {target} (scripts/cross-build.sh)"),
+            );
             let out = Command::new("bash")
                 .arg(root.join("scripts/cross-build.sh"))
                 .arg(&target)
@@ -117,7 +128,10 @@ pub fn build(shell: &Shell, opts: BuildOptions) -> Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".wasm"))
             .ok_or_else(|| {
-                Failure::msg(format!("{}: a preloaded component is a .wasm file", p.display()))
+                Failure::msg(format!(
+                    "{}: a preloaded component is a .wasm file",
+                    p.display()
+                ))
             })?;
         let bytes =
             std::fs::read(p).map_err(|e| Failure::msg(format!("reading {}: {e}", p.display())))?;
@@ -169,11 +183,19 @@ pub fn refusal(target: &Path, mounts: &str) -> Option<String> {
         };
         let dev_path = std::fs::canonicalize(dev).unwrap_or_else(|_| PathBuf::from(dev));
         let d = dev_path.to_string_lossy();
-        let partition_of = d
-            .strip_prefix(t.as_ref())
-            .is_some_and(|rest| !rest.is_empty() && rest.trim_start_matches('p').chars().all(|c| c.is_ascii_digit()));
+        let partition_of = d.strip_prefix(t.as_ref()).is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .trim_start_matches('p')
+                    .chars()
+                    .all(|c| c.is_ascii_digit())
+        });
         if d == t || partition_of {
-            let system = if at == "/" { " (the running system's disk)" } else { "" };
+            let system = if at == "/" {
+                " (the running system's disk)"
+            } else {
+                ""
+            };
             return Some(format!("{d} is mounted at {at}{system}: unmount it first"));
         }
     }
@@ -185,7 +207,10 @@ pub fn refusal(target: &Path, mounts: &str) -> Option<String> {
 pub fn flash(shell: &Shell, image: &Path, target: &Path, yes: bool) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if let Some(why) = refusal(target, &mounts) {
-        return Err(Failure::msg(format!("refusing to flash {}: {why}", target.display())));
+        return Err(Failure::msg(format!(
+            "refusing to flash {}: {why}",
+            target.display()
+        )));
     }
     let meta = std::fs::metadata(target);
     let is_block = {
@@ -202,7 +227,10 @@ pub fn flash(shell: &Shell, image: &Path, target: &Path, yes: bool) -> Result<()
                 target.display()
             )));
         }
-        eprint!("Everything on {} will be lost. Type `yes` to flash: ", target.display());
+        eprint!(
+            "Everything on {} will be lost. Type `yes` to flash: ",
+            target.display()
+        );
         let mut answer = String::new();
         std::io::stdin().read_line(&mut answer)?;
         if answer.trim() != "yes" {
@@ -233,7 +261,10 @@ pub fn flash(shell: &Shell, image: &Path, target: &Path, yes: bool) -> Result<()
         .truncate(!is_block)
         .open(target)
         .map_err(|e| Failure::msg(format!("opening {} for writing: {e}", target.display())))?;
-    shell.status("Flashing", format!("{} to {}", image.display(), target.display()));
+    shell.status(
+        "Flashing",
+        format!("{} to {}", image.display(), target.display()),
+    );
     let mut progress = shell::Progress::new(shell, "Flashing", total);
     let mut hasher = sha2::Sha256::new();
     let mut written = 0u64;
@@ -243,8 +274,12 @@ pub fn flash(shell: &Shell, image: &Path, target: &Path, yes: bool) -> Result<()
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n])
-            .map_err(|e| Failure::msg(format!("writing {} at byte {written}: {e}", target.display())))?;
+        out.write_all(&buf[..n]).map_err(|e| {
+            Failure::msg(format!(
+                "writing {} at byte {written}: {e}",
+                target.display()
+            ))
+        })?;
         hasher.update(&buf[..n]);
         written += n as u64;
         progress.advance(n as u64);
@@ -253,12 +288,18 @@ pub fn flash(shell: &Shell, image: &Path, target: &Path, yes: bool) -> Result<()
     if let Some(c) = child.as_mut() {
         let status = c.wait()?;
         if !status.success() {
-            return Err(Failure::msg(format!("zstd could not decompress {} ({status})", image.display())));
+            return Err(Failure::msg(format!(
+                "zstd could not decompress {} ({status})",
+                image.display()
+            )));
         }
     }
     out.sync_all()?;
     drop(out);
-    shell.status("Verifying", format!("{} of {}", shell::human_bytes(written), target.display()));
+    shell.status(
+        "Verifying",
+        format!("{} of {}", shell::human_bytes(written), target.display()),
+    );
     let mut back = std::fs::File::open(target)?.take(written);
     let mut check = sha2::Sha256::new();
     let n = std::io::copy(&mut back, &mut check)?;
@@ -273,7 +314,11 @@ pub fn flash(shell: &Shell, image: &Path, target: &Path, yes: bool) -> Result<()
     }
     shell.status(
         "Flashed",
-        format!("{} and verified (sha256 {})", shell::human_bytes(written), hex::encode(want)),
+        format!(
+            "{} and verified (sha256 {})",
+            shell::human_bytes(written),
+            hex::encode(want)
+        ),
     );
     Ok(())
 }

@@ -11,12 +11,14 @@ use crate::{Boot, MachineSpec};
 
 /// The device config baked into test images for `board`: the API on all interfaces (QEMU
 /// forwards a loopback port to it), data on the data partition, the board's real hardware
-/// (its file ships in the image), unsigned test components accepted.
+/// (its file ships in the image), preloaded components deployed on the first boot, unsigned
+/// test components accepted.
 pub fn test_device_config(board: &str) -> String {
     format!(
         r#"data-dir = "/var/lib/perch/data"
 listen = "0.0.0.0:7070"
 board = "{board}"
+preload-dir = "/var/lib/perch/preload"
 
 [signing]
 allow-unsigned = true
@@ -55,11 +57,17 @@ pub struct Image {
 
 /// Builds `board`'s image into `out` and returns how to boot it.
 pub fn build(board: &str, out: &Path) -> Result<MachineSpec> {
-    Ok(build_with(board, out, None)?.spec)
+    Ok(build_with(board, out, None, &[])?.spec)
 }
 
-/// Builds `board`'s image into `out` with `perchd` (default: the board's cross-built agent).
-pub fn build_with(board: &str, out: &Path, perchd: Option<PathBuf>) -> Result<Image> {
+/// Builds `board`'s image into `out` with `perchd` (default: the board's cross-built agent)
+/// and `preload`ed components ((name, artifact bytes): the first boot deploys them).
+pub fn build_with(
+    board: &str,
+    out: &Path,
+    perchd: Option<PathBuf>,
+    preload: &[(&str, Vec<u8>)],
+) -> Result<Image> {
     let root = perch_tests::repo_root();
     let board_file = root.join("board-configs").join(format!("{board}.toml"));
     let board = BoardConfig::load(&board_file).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -90,7 +98,10 @@ pub fn build_with(board: &str, out: &Path, perchd: Option<PathBuf>) -> Result<Im
             board_file,
             perchd,
             lock: root.join("image/debian.lock"),
-            data_files: Vec::new(),
+            data_files: preload
+                .iter()
+                .map(|(name, bytes)| (format!("preload/{name}.wasm"), bytes.clone()))
+                .collect(),
             data_mib: 256,
         },
         out,

@@ -118,7 +118,10 @@ fn uboot_binary(arch: &str) -> Result<PathBuf> {
         "arm" => "qemu_arm",
         other => bail!("no U-Boot for QEMU's {other}"),
     };
-    let bin = qemu_dir().join("root/usr/lib/u-boot").join(board).join("u-boot.bin");
+    let bin = qemu_dir()
+        .join("root/usr/lib/u-boot")
+        .join(board)
+        .join("u-boot.bin");
     if !bin.is_file() {
         bail!(
             "{} is missing: remove {} to unpack the QEMU packages again",

@@ -31,16 +31,20 @@ fn wait_boot(m: &mut Machine, what: &str, want: &[(&str, Value)]) -> anyhow::Res
 }
 
 fn timer_running(m: &mut Machine) -> anyhow::Result<()> {
-    m.wait_for(Duration::from_secs(120), "the timer component running", |m| {
-        let c = m.get("/v1/components/timer")?;
-        Ok((c["state"] == "running").then_some(()))
-    })
+    m.wait_for(
+        Duration::from_secs(120),
+        "the timer component running",
+        |m| {
+            let c = m.get("/v1/components/timer")?;
+            Ok((c["state"] == "running").then_some(()))
+        },
+    )
 }
 
 #[test]
 fn a_good_update_commits_and_a_bad_one_rolls_back() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let good = image::build_with(&board(), &dir.path().join("good"), None)?;
+    let good = image::build_with(&board(), &dir.path().join("good"), None, &[])?;
     if good.bootloader != "u-boot" {
         eprintln!(
             "hil: {} boots its kernel directly (bootloader `{}`): no A/B loader to test here",
@@ -53,13 +57,20 @@ fn a_good_update_commits_and_a_bad_one_rolls_back() -> anyhow::Result<()> {
     // never becomes healthy.
     let broken = dir.path().join("broken-perchd");
     std::fs::write(&broken, "#!/bin/sh\necho 'perchd: broken build'\nexit 1\n")?;
-    let bad = image::build_with(&board(), &dir.path().join("bad"), Some(broken))?;
+    let bad = image::build_with(&board(), &dir.path().join("bad"), Some(broken), &[])?;
 
     let mut m = Machine::boot(&good.spec)?;
     let boot = m.wait_healthy(Duration::from_secs(240))?;
-    eprintln!("hil: {}: healthy {boot:?} after power-on (through U-Boot)", board());
+    eprintln!(
+        "hil: {}: healthy {boot:?} after power-on (through U-Boot)",
+        board()
+    );
     let b = boot_state(&m)?;
-    assert_eq!((b["slot"].as_str(), &b["committed"]), (Some("a"), &Value::Bool(true)), "{b}");
+    assert_eq!(
+        (b["slot"].as_str(), &b["committed"]),
+        (Some("a"), &Value::Bool(true)),
+        "{b}"
+    );
     let (status, body) = m.send(
         "PUT",
         "/v1/components/timer?trigger=every:1s",
@@ -81,17 +92,25 @@ fn a_good_update_commits_and_a_bad_one_rolls_back() -> anyhow::Result<()> {
     eprintln!("hil: good update: {b}");
     assert_eq!(b.get("rolled-back-from"), None, "{b}");
     timer_running(&mut m)?;
-    assert_eq!(m.get("/v1/status")?["revision"], 1, "the data partition came along");
+    assert_eq!(
+        m.get("/v1/status")?["revision"],
+        1,
+        "the data partition came along"
+    );
 
     // Bad update into slot a: its trial never commits, so the device goes back to b.
     let (status, body) = m.send("PUT", "/v1/system/update", std::fs::read(&bad.slot)?)?;
     anyhow::ensure!(status == 202, "the update answered {status}: {body}");
     assert_eq!(body["slot"], "a", "{body}");
-    m.wait_for(Duration::from_secs(240), "the trial boot of the broken slot", |m| {
-        Ok(m.console_tail(400)
-            .contains("perchd: broken build")
-            .then_some(()))
-    })?;
+    m.wait_for(
+        Duration::from_secs(240),
+        "the trial boot of the broken slot",
+        |m| {
+            Ok(m.console_tail(400)
+                .contains("perchd: broken build")
+                .then_some(()))
+        },
+    )?;
     let b = wait_boot(
         &mut m,
         "the rollback to slot b",

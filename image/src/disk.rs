@@ -69,7 +69,8 @@ pub fn write(out: &Path, parts: &[Partition], signature: u32) -> Result<Placemen
     }
     let kinds: Vec<(u8, bool)> = parts.iter().map(|p| (p.kind, p.bootable)).collect();
     let table = mbr(&kinds, &placement, signature)?;
-    let mut f = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut f =
+        std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     f.write_all(&table)?;
     for (p, &(start, _)) in parts.iter().zip(&placement) {
         f.seek(SeekFrom::Start(start * SECTOR))?;
@@ -222,8 +223,18 @@ mod tests {
 
     #[test]
     fn the_mbr_has_four_entries_and_the_boot_signature() {
-        let kinds = [(TYPE_FAT, true), (TYPE_FAT, false), (TYPE_FAT, false), (TYPE_LINUX, false)];
-        let place = [(2048, 32768), (34816, 262144), (296960, 262144), (559104, 524288)];
+        let kinds = [
+            (TYPE_FAT, true),
+            (TYPE_FAT, false),
+            (TYPE_FAT, false),
+            (TYPE_LINUX, false),
+        ];
+        let place = [
+            (2048, 32768),
+            (34816, 262144),
+            (296960, 262144),
+            (559104, 524288),
+        ];
         let s = mbr(&kinds, &place, 0x5045_5243).expect("mbr");
         assert_eq!(&s[510..], &[0x55, 0xaa]);
         assert_eq!(&s[440..444], &0x5045_5243u32.to_le_bytes());
@@ -244,7 +255,10 @@ mod tests {
         h[4..8].fill(0);
         assert_eq!(crc32fast::hash(&h), hcrc);
         let data = &img[64..];
-        assert_eq!(u32::from_be_bytes(img[24..28].try_into().expect("4")), crc32fast::hash(data));
+        assert_eq!(
+            u32::from_be_bytes(img[24..28].try_into().expect("4")),
+            crc32fast::hash(data)
+        );
         assert_eq!(&data[8..], b"echo hi\n");
         assert_eq!(u32::from_be_bytes(data[0..4].try_into().expect("4")), 8);
     }

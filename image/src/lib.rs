@@ -157,7 +157,11 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
         .with_context(|| format!("reading perchd at {}", inputs.perchd.display()))?;
     let initrd = out.join("initrd.img");
     let board_path = format!("/etc/perch/boards/{}.toml", board.name);
-    let disk_dev = board.image.disk.clone().unwrap_or_else(|| "/dev/vda".into());
+    let disk_dev = board
+        .image
+        .disk
+        .clone()
+        .unwrap_or_else(|| "/dev/vda".into());
     let init = init_script(&disk_dev, &module_names(&mods)?);
     write_initramfs(
         &initrd,
@@ -190,7 +194,10 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
         &slot,
         SLOT_MIB,
         DISK_SIGNATURE + 2,
-        &[("vmlinuz", kernel.as_path()), ("initrd.img", initrd.as_path())],
+        &[
+            ("vmlinuz", kernel.as_path()),
+            ("initrd.img", initrd.as_path()),
+        ],
     )?;
     let boot_files = work.join("boot");
     std::fs::create_dir_all(&boot_files)?;

@@ -437,7 +437,13 @@ fn image_build_and_flash() -> TestResult {
         .arg("--out")
         .arg(&out))?;
     assert!(log.contains("disk.img.zst"), "{log}");
-    for f in ["disk.img", "disk.img.zst", "slot.img", "boot.img", "data.img"] {
+    for f in [
+        "disk.img",
+        "disk.img.zst",
+        "slot.img",
+        "boot.img",
+        "data.img",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing:\n{log}");
     }
     // The data partition holds the device config and the preloaded component.
@@ -452,7 +458,10 @@ fn image_build_and_flash() -> TestResult {
         .arg(out.join("data.img"))
         .output()?;
     let device_config = String::from_utf8_lossy(&cat.stdout);
-    assert!(device_config.contains("board = \"qemu-x86_64\""), "{device_config}");
+    assert!(
+        device_config.contains("board = \"qemu-x86_64\""),
+        "{device_config}"
+    );
     assert!(device_config.contains("preload-dir"), "{device_config}");
 
     let sd = dir.path().join("sd.img");
@@ -476,6 +485,9 @@ fn image_build_and_flash() -> TestResult {
             .arg(&fake),
     )?;
     assert!(!status.success());
-    assert!(text.contains("no board `no-such-board`") && text.contains("qemu-aarch64-virt"), "{text}");
+    assert!(
+        text.contains("no board `no-such-board`") && text.contains("qemu-aarch64-virt"),
+        "{text}"
+    );
     Ok(())
 }

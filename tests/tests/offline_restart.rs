@@ -151,16 +151,24 @@ fn preloaded_components_run_on_the_first_boot_only() -> anyhow::Result<()> {
     };
 
     let mut agent = Perchd::start(&dir.path().join("agent"), launch.clone())?;
-    agent.wait_for(Duration::from_secs(30), "the preloaded timer ticking", |a| {
-        let c = a.component("timer")?;
-        Ok((c["invocations"].as_u64().unwrap_or(0) >= 1).then_some(()))
-    })?;
+    agent.wait_for(
+        Duration::from_secs(30),
+        "the preloaded timer ticking",
+        |a| {
+            let c = a.component("timer")?;
+            Ok((c["invocations"].as_u64().unwrap_or(0) >= 1).then_some(()))
+        },
+    )?;
     let status = agent.get("/v1/status")?;
     let names: Vec<&str> = status["components"]
         .as_array()
         .map(|a| a.iter().filter_map(|c| c["name"].as_str()).collect())
         .unwrap_or_default();
-    assert_eq!(names, ["timer"], "the broken file is refused, the rest runs: {status}");
+    assert_eq!(
+        names,
+        ["timer"],
+        "the broken file is refused, the rest runs: {status}"
+    );
     assert!(
         agent.log().contains("preloaded component refused"),
         "the refusal is logged"

@@ -343,7 +343,10 @@ impl BoardConfig {
         {
             root.problem(
                 "bootloader",
-                format!("`{b}` is not a bootloader: use {}", BOOTLOADERS.join(" or ")),
+                format!(
+                    "`{b}` is not a bootloader: use {}",
+                    BOOTLOADERS.join(" or ")
+                ),
             );
         }
         if let Some(mut gpio) = root.section("gpio") {

@@ -354,11 +354,19 @@ impl Agent {
                 }
             };
             match self
-                .deploy(Some(name.clone()), bytes, None, Vec::new(), Limits::default())
+                .deploy(
+                    Some(name.clone()),
+                    bytes,
+                    None,
+                    Vec::new(),
+                    Limits::default(),
+                )
                 .await
             {
                 Ok(_) => tracing::info!(component = %name, "preloaded component deployed"),
-                Err(e) => tracing::error!(component = %name, error = %e, "preloaded component refused"),
+                Err(e) => {
+                    tracing::error!(component = %name, error = %e, "preloaded component refused")
+                }
             }
         }
     }

@@ -124,9 +124,8 @@ impl Slots {
                 ));
             }
         };
-        let disk = disk.ok_or_else(|| {
-            BootError::NoSlots("the board config names no `disk`".into())
-        })?;
+        let disk =
+            disk.ok_or_else(|| BootError::NoSlots("the board config names no `disk`".into()))?;
         if !boot_dir.join(BOOT_ENV).is_file() {
             return Err(BootError::NoSlots(format!(
                 "{} is missing (the boot partition is not mounted)",
@@ -143,7 +142,8 @@ impl Slots {
 
     /// Reads this machine's A/B facts (`/proc/cmdline`, the board's disk, [`BOOT_DIR`]).
     pub fn from_system(disk: Option<&str>) -> Result<Self, BootError> {
-        let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(io(Path::new("/proc/cmdline")))?;
+        let cmdline =
+            std::fs::read_to_string("/proc/cmdline").map_err(io(Path::new("/proc/cmdline")))?;
         Self::detect(&cmdline, disk, Path::new(BOOT_DIR))
     }
 
@@ -221,7 +221,12 @@ impl Slots {
         for (i, chunk) in image.chunks(4 << 20).enumerate() {
             f.write_all(chunk).map_err(io(device))?;
             if i % 8 == 7 {
-                tracing::info!(slot, written = (i + 1) * chunk.len(), total = image.len(), "writing the slot image");
+                tracing::info!(
+                    slot,
+                    written = (i + 1) * chunk.len(),
+                    total = image.len(),
+                    "writing the slot image"
+                );
             }
         }
         f.sync_all().map_err(io(device))?;
@@ -244,7 +249,10 @@ impl Slots {
         env.insert("perch_try".into(), slot.into());
         env.remove("perch_tried");
         write_env(&path, &env)?;
-        tracing::info!(slot, "slot image installed and verified; the next boot tries it once");
+        tracing::info!(
+            slot,
+            "slot image installed and verified; the next boot tries it once"
+        );
         Ok(slot.into())
     }
 }
@@ -342,11 +350,22 @@ mod tests {
     #[test]
     fn the_command_line_and_the_board_say_whether_updates_are_possible() {
         let d = boot_dir("perch_slot=a\n");
-        let s = Slots::detect("console=ttyAMA0 perch.slot=a perch.trial=0", Some("/dev/vda"), d.path())
+        let s = Slots::detect(
+            "console=ttyAMA0 perch.slot=a perch.trial=0",
+            Some("/dev/vda"),
+            d.path(),
+        )
+        .expect("slots");
+        assert_eq!(
+            s.devices,
+            [PathBuf::from("/dev/vda2"), PathBuf::from("/dev/vda3")]
+        );
+        assert_eq!(
+            (s.booted.as_str(), s.trial, s.inactive()),
+            ("a", false, "b")
+        );
+        let mmc = Slots::detect("perch.slot=b perch.trial=1", Some("/dev/mmcblk0"), d.path())
             .expect("slots");
-        assert_eq!(s.devices, [PathBuf::from("/dev/vda2"), PathBuf::from("/dev/vda3")]);
-        assert_eq!((s.booted.as_str(), s.trial, s.inactive()), ("a", false, "b"));
-        let mmc = Slots::detect("perch.slot=b perch.trial=1", Some("/dev/mmcblk0"), d.path()).expect("slots");
         assert_eq!(mmc.devices[1], PathBuf::from("/dev/mmcblk0p3"));
         assert!(mmc.trial);
         for (cmdline, disk) in [
@@ -379,17 +398,39 @@ mod tests {
         image[510] = 0x55;
         image[511] = 0xaa;
         let wrong = Digest::of(b"something else");
-        assert!(matches!(slots.install(&image, Some(&wrong)), Err(BootError::Digest { .. })));
-        assert!(matches!(slots.install(&[1u8; 1024], None), Err(BootError::NotASlotImage)));
+        assert!(matches!(
+            slots.install(&image, Some(&wrong)),
+            Err(BootError::Digest { .. })
+        ));
+        assert!(matches!(
+            slots.install(&[1u8; 1024], None),
+            Err(BootError::NotASlotImage)
+        ));
         let mut huge = vec![0u8; 16384];
         huge[510] = 0x55;
         huge[511] = 0xaa;
-        assert!(matches!(slots.install(&huge, None), Err(BootError::TooBig { .. })));
-        assert_eq!(std::fs::read(&b).expect("b"), vec![0u8; 8192], "refusals write nothing");
+        assert!(matches!(
+            slots.install(&huge, None),
+            Err(BootError::TooBig { .. })
+        ));
+        assert_eq!(
+            std::fs::read(&b).expect("b"),
+            vec![0u8; 8192],
+            "refusals write nothing"
+        );
 
-        assert_eq!(slots.install(&image, Some(&Digest::of(&image))).expect("install"), "b");
+        assert_eq!(
+            slots
+                .install(&image, Some(&Digest::of(&image)))
+                .expect("install"),
+            "b"
+        );
         assert_eq!(&std::fs::read(&b).expect("b")[..4096], &image[..]);
-        assert_eq!(std::fs::read(&a).expect("a"), vec![0u8; 8192], "the running slot is untouched");
+        assert_eq!(
+            std::fs::read(&a).expect("a"),
+            vec![0u8; 8192],
+            "the running slot is untouched"
+        );
         let st = slots.status();
         assert_eq!((st.committed, st.pending.as_deref()), (true, Some("b")));
 
