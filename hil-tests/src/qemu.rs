@@ -174,10 +174,7 @@ impl Machine {
                     .arg(kernel)
                     .arg("-initrd")
                     .arg(initrd)
-                    .args([
-                        "-append",
-                        &format!("console={serial} panic=-1 loglevel=6 perch.slot=a perch.trial=0"),
-                    ]);
+                    .args(["-append", &format!("console={serial} panic=-1 loglevel=6")]);
             }
             Boot::UBoot => {
                 cmd.arg("-bios").arg(uboot_binary(&spec.arch)?);
@@ -264,6 +261,35 @@ impl Machine {
                 return Err(self.failed(&format!("the agent was not healthy within {timeout:?}")));
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the guest console shows `text`; returns the time since power-on (the
+    /// console file is polled every 20 ms).
+    pub fn wait_console(&mut self, text: &str, timeout: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = std::fs::read(&self.console)
+                .map(|b| String::from_utf8_lossy(&b).contains(text))
+                .unwrap_or(false);
+            if seen {
+                return Ok(self.booted.elapsed());
+            }
+            if Instant::now() > deadline {
+                return Err(self.failed(&format!(
+                    "the console did not show `{text}` within {timeout:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The console line that marks the kernel taking over: U-Boot's `Starting kernel`, or
+    /// the kernel's own first line for direct boots.
+    pub fn kernel_start_marker(&self) -> &'static str {
+        match self.spec.boot {
+            Boot::UBoot => "Starting kernel",
+            Boot::Direct { .. } => "Linux version",
         }
     }
 

@@ -27,9 +27,11 @@ fn acknowledged_telemetry_and_the_journal_survive_power_cuts() -> anyhow::Result
     let spec = image::build(&board(), dir.path())?;
 
     let mut m = Machine::boot(&spec)?;
+    let marker = m.kernel_start_marker();
+    let kernel = m.wait_console(marker, Duration::from_secs(120))?;
     let boot = m.wait_healthy(Duration::from_secs(180))?;
     eprintln!(
-        "hil: {}: the agent healthy {boot:?} after power-on",
+        "hil: {}: kernel started {kernel:.1?} and the agent healthy {boot:.1?} after power-on",
         board()
     );
     let burst = artifact(
