@@ -194,7 +194,7 @@ impl Slots {
         {
             return Err(BootError::Digest {
                 got: digest,
-                want: want.clone(),
+                want: *want,
             });
         }
         if image.len() < 512 || image[510..512] != [0x55, 0xaa] {
