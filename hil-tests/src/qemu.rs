@@ -340,6 +340,14 @@ impl Machine {
         }
     }
 
+    /// Waits until component `name` is `running`.
+    pub fn wait_running(&mut self, name: &str, timeout: Duration) -> Result<()> {
+        let path = format!("/v1/components/{name}");
+        self.wait_for(timeout, &format!("component `{name}` running"), |m| {
+            Ok((m.get(&path)?["state"] == "running").then_some(()))
+        })
+    }
+
     /// Cuts the power: QEMU is killed with SIGKILL, so whatever the guest had not flushed
     /// to its disk is gone, as on a real power loss.
     pub fn power_cut(mut self) -> MachineSpec {

@@ -30,17 +30,6 @@ fn wait_boot(m: &mut Machine, what: &str, want: &[(&str, Value)]) -> anyhow::Res
     })
 }
 
-fn timer_running(m: &mut Machine) -> anyhow::Result<()> {
-    m.wait_for(
-        Duration::from_secs(120),
-        "the timer component running",
-        |m| {
-            let c = m.get("/v1/components/timer")?;
-            Ok((c["state"] == "running").then_some(()))
-        },
-    )
-}
-
 #[test]
 fn a_good_update_commits_and_a_bad_one_rolls_back() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -77,7 +66,7 @@ fn a_good_update_commits_and_a_bad_one_rolls_back() -> anyhow::Result<()> {
         examples::bytes(examples::TIMER),
     )?;
     anyhow::ensure!(status == 201, "deploy answered {status}: {body}");
-    timer_running(&mut m)?;
+    m.wait_running("timer", Duration::from_secs(120))?;
 
     // Good update: slot b is written, tried, found healthy and committed.
     let (status, body) = m.send("PUT", "/v1/system/update", std::fs::read(&good.slot)?)?;
@@ -91,7 +80,7 @@ fn a_good_update_commits_and_a_bad_one_rolls_back() -> anyhow::Result<()> {
     )?;
     eprintln!("hil: good update: {b}");
     assert_eq!(b.get("rolled-back-from"), None, "{b}");
-    timer_running(&mut m)?;
+    m.wait_running("timer", Duration::from_secs(120))?;
     assert_eq!(
         m.get("/v1/status")?["revision"],
         1,
@@ -122,7 +111,7 @@ fn a_good_update_commits_and_a_bad_one_rolls_back() -> anyhow::Result<()> {
     )?;
     eprintln!("hil: bad update: {b}");
     assert_eq!(b["trial"], false, "{b}");
-    timer_running(&mut m)?;
+    m.wait_running("timer", Duration::from_secs(120))?;
     assert_eq!(m.get("/v1/status")?["revision"], 1);
 
     // A refused image changes nothing.

@@ -47,14 +47,7 @@ fn preloaded_components_run_offline_and_drive_the_boards_gpio() -> anyhow::Resul
 
     // Deployed on the first boot from the data partition; QEMU's network is restricted
     // (`restrict=on`): nothing came from outside.
-    m.wait_for(
-        Duration::from_secs(120),
-        "the preloaded gpio-echo running",
-        |m| {
-            let c = m.get("/v1/components/gpio-echo")?;
-            Ok((c["state"] == "running").then_some(()))
-        },
-    )?;
+    m.wait_running("gpio-echo", Duration::from_secs(120))?;
     let status = m.get("/v1/status")?;
     assert_eq!(status["revision"], 1, "{status}");
     let missing = status["hardware-missing"].clone();

@@ -67,14 +67,7 @@ fn acknowledged_telemetry_and_the_journal_survive_power_cuts() -> anyhow::Result
     assert_eq!(after["backlog"].as_u64(), Some(last), "{after}");
     let s = m.get("/v1/status")?;
     assert_eq!(s["revision"], 1, "the journal after the cut: {s}");
-    m.wait_for(
-        Duration::from_secs(120),
-        "the burst component running again",
-        |m| {
-            let c = m.get("/v1/components/burst")?;
-            Ok((c["state"] == "running").then_some(()))
-        },
-    )?;
+    m.wait_running("burst", Duration::from_secs(120))?;
 
     // A cut while a deploy is under way: after the next boot the agent runs either the old
     // set or the new one, healthy, with its journal readable.

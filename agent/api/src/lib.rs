@@ -348,17 +348,7 @@ async fn put_blob(
     RawQuery(q): RawQuery,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let mut expected_digest = None;
-    for (k, v) in parse_query(q)? {
-        match k.as_str() {
-            "digest" => expected_digest = Some(parse_digest(&v)?),
-            other => {
-                return Err(bad_request(format!(
-                    "unknown query parameter `{other}`: expected `digest`"
-                )));
-            }
-        }
-    }
+    let expected_digest = digest_query(q)?;
     if body.is_empty() {
         return Err(bad_request("the request body is empty"));
     }
@@ -373,11 +363,8 @@ async fn put_blob(
     Ok((StatusCode::CREATED, axum::Json(reply)).into_response())
 }
 
-async fn install_update(
-    State(s): State<ApiState>,
-    RawQuery(q): RawQuery,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+/// The only query parameter of an upload: `digest=sha256:...`.
+fn digest_query(q: Option<String>) -> Result<Option<Digest>, ApiError> {
     let mut expected_digest = None;
     for (k, v) in parse_query(q)? {
         match k.as_str() {
@@ -389,6 +376,15 @@ async fn install_update(
             }
         }
     }
+    Ok(expected_digest)
+}
+
+async fn install_update(
+    State(s): State<ApiState>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let expected_digest = digest_query(q)?;
     if body.is_empty() {
         return Err(bad_request(
             "the request body is empty: send a slot image (slot.img of `perch image build`)",
