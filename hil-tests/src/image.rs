@@ -122,6 +122,7 @@ pub fn build_with(
         },
         disk: outputs.disk,
         memory_mib: 1024,
+        devices: board.image.qemu_devices.clone(),
     };
     Ok(Image {
         spec,

@@ -108,6 +108,8 @@ pub struct MachineSpec {
     /// The whole disk (a raw image; writes reach it only when the guest flushes).
     pub disk: PathBuf,
     pub memory_mib: u32,
+    /// Emulated devices (`-device` arguments) for the board's hardware.
+    pub devices: Vec<String>,
 }
 
 /// U-Boot for QEMU's `arch` from the unpacked `u-boot-qemu`.
@@ -138,6 +140,7 @@ pub struct Machine {
     child: Option<Child>,
     spec: MachineSpec,
     console: PathBuf,
+    qmp: PathBuf,
     port: u16,
     _dir: tempfile::TempDir,
     http: reqwest::blocking::Client,
@@ -150,6 +153,7 @@ impl Machine {
         let (qemu, firmware) = qemu_binary(&spec.arch)?;
         let dir = tempfile::tempdir()?;
         let console = dir.path().join("console.log");
+        let qmp = dir.path().join("qmp.sock");
         let port = perch_tests::free_port();
         let mut cmd = Command::new(&qemu);
         for f in &firmware {
@@ -180,6 +184,9 @@ impl Machine {
                 cmd.arg("-bios").arg(uboot_binary(&spec.arch)?);
             }
         }
+        for d in &spec.devices {
+            cmd.args(["-device", d]);
+        }
         cmd.arg("-drive")
             .arg(format!(
                 "file={},if=virtio,format=raw,cache=writeback",
@@ -195,6 +202,10 @@ impl Machine {
             .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
             .args(["-serial", &format!("file:{}", console.display())])
             .args(["-monitor", "none"])
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", qmp.display()),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -205,6 +216,7 @@ impl Machine {
             child: Some(child),
             spec: spec.clone(),
             console,
+            qmp,
             port,
             _dir: dir,
             http: reqwest::blocking::Client::builder()
@@ -338,6 +350,48 @@ impl Machine {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Runs a QMP command (QEMU's machine protocol) and returns its `return` value: how a
+    /// test sets emulated hardware, e.g. `qom-set` of a sensor's temperature.
+    pub fn qmp(&self, execute: &str, arguments: Value) -> Result<Value> {
+        use std::io::{BufRead, BufReader, Write};
+        let stream = std::os::unix::net::UnixStream::connect(&self.qmp)
+            .with_context(|| format!("connecting to QMP at {}", self.qmp.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut writer = stream;
+        // Replies are JSON lines; events may come in between and are skipped.
+        let reply = |reader: &mut BufReader<std::os::unix::net::UnixStream>| -> Result<Value> {
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line)? == 0 {
+                    bail!("QMP closed the connection");
+                }
+                let v: Value = serde_json::from_str(&line)
+                    .with_context(|| format!("QMP sent `{}`", line.trim()))?;
+                if v.get("event").is_none() {
+                    return Ok(v);
+                }
+            }
+        };
+        reply(&mut reader)?; // the greeting
+        writeln!(
+            writer,
+            "{}",
+            serde_json::json!({"execute": "qmp_capabilities"})
+        )?;
+        reply(&mut reader)?;
+        writeln!(
+            writer,
+            "{}",
+            serde_json::json!({"execute": execute, "arguments": arguments})
+        )?;
+        let v = reply(&mut reader)?;
+        if let Some(e) = v.get("error") {
+            bail!("QMP {execute} failed: {e}");
+        }
+        Ok(v["return"].clone())
     }
 
     /// Waits until component `name` is `running`.

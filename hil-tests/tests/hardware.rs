@@ -1,98 +1,136 @@
 //! A first boot with no network runs the components the image ships, and they reach the
-//! board's real kernel drivers: on QEMU's aarch64 `virt` the `fan` and `led` lines are the
-//! PL061 GPIO controller's, driven through the character-device uAPI and read back through
-//! the driver.
+//! board's real kernel drivers through the providers: on QEMU's aarch64 `virt` the `fan`
+//! and `led` lines are the PL061 GPIO controller's (written through the character-device
+//! uAPI, read back through the driver); on q35 `room-temp` is a TMP105 on the i801 SMBus,
+//! read through i2c-dev, whose temperature the test sets over QMP.
 //!
 //! `PERCH_HIL_BOARD` picks the board (default `qemu-aarch64-virt`).
 
 use std::time::Duration;
 
-use perch_core::board::{BoardConfig, LineSource};
+use perch_core::board::{BoardConfig, LineSource, SensorSource};
 use perch_hil::{Machine, image};
 use perch_tests::{artifact, examples, repo_root};
+use serde_json::json;
 
 fn board() -> String {
     std::env::var("PERCH_HIL_BOARD").unwrap_or_else(|_| "qemu-aarch64-virt".into())
 }
 
+/// Sends `request` to hw-echo and returns its report (the newest `hw-echo` record once
+/// there are `count` of them).
+fn ask(m: &mut Machine, request: &str, count: usize) -> anyhow::Result<String> {
+    let (code, body) = m.send("POST", "/v1/messages/hw-echo", request.as_bytes().to_vec())?;
+    anyhow::ensure!(code == 200, "publish answered {code}: {body}");
+    m.wait_for(
+        Duration::from_secs(60),
+        &format!("the answer to `{request}`"),
+        |m| {
+            let records = m.get("/v1/telemetry?limit=1000")?;
+            let mut echo: Vec<(u64, String)> = records
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|r| r["stream"] == "hw-echo")
+                        .filter_map(|r| {
+                            Some((r["seq"].as_u64()?, r["payload"].as_str()?.to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            echo.sort();
+            Ok((echo.len() >= count)
+                .then(|| echo.pop().map(|(_, p)| p))
+                .flatten())
+        },
+    )
+}
+
 #[test]
-fn preloaded_components_run_offline_and_drive_the_boards_gpio() -> anyhow::Result<()> {
+fn preloaded_components_run_offline_and_reach_the_boards_drivers() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let echo = artifact(
-        examples::GPIO_ECHO,
-        &repo_root().join("fixtures/gpio-echo/Cargo.toml"),
-        None,
-        |_| {},
-    )?;
     let config = BoardConfig::load(&repo_root().join(format!("board-configs/{}.toml", board())))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let chip_lines: Vec<String> = config
+    let lines: Vec<String> = config
         .gpio
         .iter()
         .filter(|(_, l)| matches!(l.source, LineSource::Chip { .. }))
         .map(|(n, _)| n.clone())
         .collect();
-    let preload: Vec<(&str, Vec<u8>)> = if chip_lines.is_empty() {
-        Vec::new()
+    // Sensors QEMU emulates as I2C devices the test can set (a TMP105).
+    let i2c_sensors: Vec<String> = if config
+        .image
+        .qemu_devices
+        .iter()
+        .any(|d| d.starts_with("tmp105,id=tmp0"))
+    {
+        config
+            .sensors
+            .iter()
+            .filter(|(_, s)| matches!(s, SensorSource::I2c { .. }))
+            .map(|(n, _)| n.clone())
+            .collect()
     } else {
-        vec![("gpio-echo", echo)]
+        Vec::new()
     };
-    let img = image::build_with(&board(), dir.path(), None, &preload)?;
+    // Granted exactly what this board has (a grant of hardware the board lacks is refused).
+    let echo = artifact(
+        examples::HW_ECHO,
+        &repo_root().join("fixtures/hw-echo/Cargo.toml"),
+        None,
+        |m| {
+            let grants = &mut m.grants;
+            grants.gpio.read = lines.iter().cloned().collect();
+            grants.gpio.write = lines.iter().cloned().collect();
+            grants.sensors = i2c_sensors.iter().cloned().collect();
+        },
+    )?;
+    let img = image::build_with(&board(), dir.path(), None, &[("hw-echo", echo)])?;
     let mut m = Machine::boot(&img.spec)?;
     m.wait_healthy(Duration::from_secs(240))?;
-    if chip_lines.is_empty() {
-        eprintln!("hil: {} has no GPIO chip lines: nothing to drive", board());
-        return Ok(());
-    }
 
     // Deployed on the first boot from the data partition; QEMU's network is restricted
     // (`restrict=on`): nothing came from outside.
-    m.wait_running("gpio-echo", Duration::from_secs(120))?;
+    m.wait_running("hw-echo", Duration::from_secs(120))?;
     let status = m.get("/v1/status")?;
     assert_eq!(status["revision"], 1, "{status}");
-    let missing = status["hardware-missing"].clone();
-    if missing != serde_json::json!([]) {
-        anyhow::bail!(
-            "hardware missing: {missing}\n--- guest console ---\n{}",
-            m.console_tail(400)
-        );
-    }
+    eprintln!(
+        "hil: {}: hardware missing: {}",
+        board(),
+        status["hardware-missing"]
+    );
 
-    // One write at a time: each is read back before the next goes out.
-    let mut done = 0;
-    for line in &chip_lines {
+    // One request at a time: each answer is read before the next request goes out.
+    let mut count = 0;
+    for line in &lines {
         for level in ["1", "0", "1"] {
-            let (code, body) = m.send(
-                "POST",
-                "/v1/messages/gpio-echo",
-                format!("{line} {level}").into_bytes(),
-            )?;
-            anyhow::ensure!(code == 200, "publish answered {code}: {body}");
-            done += 1;
-            let newest = m.wait_for(
-                Duration::from_secs(60),
-                &format!("`{line} {level}` read back"),
-                |m| {
-                    let records = m.get("/v1/telemetry?limit=1000")?;
-                    let mut echo: Vec<(u64, String)> = records
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter(|r| r["stream"] == "gpio-echo")
-                                .filter_map(|r| {
-                                    Some((r["seq"].as_u64()?, r["payload"].as_str()?.to_string()))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    echo.sort();
-                    Ok((echo.len() >= done)
-                        .then(|| echo.pop().map(|(_, p)| p))
-                        .flatten())
-                },
-            )?;
-            assert_eq!(newest, format!("{line} wrote={level} read={level}"));
+            count += 1;
+            let got = ask(&mut m, &format!("gpio {line} {level}"), count)?;
+            assert_eq!(got, format!("{line} wrote={level} read={level}"));
         }
     }
+    // The TMP105 powers up at 9-bit resolution (0.5 °C), so the values are halves.
+    for sensor in &i2c_sensors {
+        for millis in [23_500, -5_500, 31_000] {
+            m.qmp(
+                "qom-set",
+                json!({"path": "/machine/peripheral/tmp0", "property": "temperature", "value": millis}),
+            )?;
+            count += 1;
+            let got = ask(&mut m, &format!("sensor {sensor}"), count)?;
+            assert_eq!(got, format!("{sensor}={} °C", millis as f64 / 1000.0));
+        }
+    }
+    eprintln!(
+        "hil: {}: {} GPIO lines and {} I2C sensors reached through their drivers",
+        board(),
+        lines.len(),
+        i2c_sensors.len()
+    );
+    anyhow::ensure!(
+        count > 0,
+        "board {} has no hardware this test can drive",
+        board()
+    );
     Ok(())
 }

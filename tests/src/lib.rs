@@ -46,8 +46,8 @@ pub mod examples {
     /// Fixture: publishes 1..=`total` to the `burst` telemetry stream, resuming after a
     /// crash.
     pub const BURST: &str = env!("PERCH_EXAMPLE_BURST");
-    /// Fixture: writes a GPIO line and publishes what reading it back gives.
-    pub const GPIO_ECHO: &str = env!("PERCH_EXAMPLE_GPIO_ECHO");
+    /// Fixture: drives GPIO lines and reads sensors on request, publishing what it saw.
+    pub const HW_ECHO: &str = env!("PERCH_EXAMPLE_HW_ECHO");
 
     /// Reads an example's bytes.
     pub fn bytes(path: &str) -> Vec<u8> {

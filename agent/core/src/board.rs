@@ -99,6 +99,9 @@ pub struct ImageSpec {
     pub kernel: Option<String>,
     /// QEMU machine for emulation (`virt`, `q35`).
     pub qemu_machine: Option<String>,
+    /// Emulated devices QEMU adds for the board's hardware (`-device` arguments, e.g. a
+    /// `tmp105` on the SMBus).
+    pub qemu_devices: Vec<String>,
     /// Kernel modules to load at boot.
     pub modules: Vec<String>,
     /// The block device the image is flashed to (`/dev/vda`, `/dev/mmcblk0`); its
@@ -149,6 +152,7 @@ const TOP_KEYS: &[&str] = &[
     "rust-target",
     "kernel",
     "qemu-machine",
+    "qemu-devices",
     "modules",
     "disk",
     "bootloader",
@@ -327,6 +331,7 @@ impl BoardConfig {
         board.image.rust_target = root.take::<String>("rust-target");
         board.image.kernel = root.take::<String>("kernel");
         board.image.qemu_machine = root.take::<String>("qemu-machine");
+        board.image.qemu_devices = root.take::<Vec<String>>("qemu-devices").unwrap_or_default();
         board.image.modules = root.take::<Vec<String>>("modules").unwrap_or_default();
         board.image.disk = root.take::<String>("disk");
         if let Some(d) = &board.image.disk
