@@ -38,10 +38,16 @@ fn index(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
 fn modinfo(path: &Path, key: &str) -> Result<Vec<String>> {
     let bytes = std::fs::read(path)?;
     let needle = format!("{key}=");
+    let needle = needle.as_bytes();
+    // An entry may follow other bytes without a NUL between them (seen in armhf modules,
+    // where `.modinfo` is not the start of a NUL-separated run), so the key is searched
+    // within each run rather than required at its start.
     Ok(bytes
         .split(|b| *b == 0)
-        .filter_map(|s| std::str::from_utf8(s).ok())
-        .filter_map(|s| s.strip_prefix(&needle))
+        .filter_map(|s| {
+            let at = s.windows(needle.len()).position(|w| w == needle)?;
+            std::str::from_utf8(&s[at + needle.len()..]).ok()
+        })
         .map(str::to_string)
         .collect())
 }
@@ -120,4 +126,24 @@ pub fn builtin(modules_root: &Path) -> BTreeSet<String> {
         .filter_map(|f| f.strip_suffix(".ko"))
         .map(norm)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modinfo_entries_are_found_after_stray_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ko = dir.path().join("jbd2.ko");
+        // As in Debian's armhf modules: an entry glued to the bytes before it.
+        std::fs::write(
+            &ko,
+            b"\x7fELF\0\xb0\xb0\xa8\x80softdep=pre: crypto-crc32c\0depends=\0license=GPL\0",
+        )
+        .expect("write");
+        assert_eq!(modinfo(&ko, "softdep").expect("read"), ["pre: crypto-crc32c"]);
+        assert_eq!(modinfo(&ko, "depends").expect("read"), [""]);
+        assert!(modinfo(&ko, "alias").expect("read").is_empty());
+    }
 }
