@@ -11,7 +11,7 @@ scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/perch/target}"
 boards=("$@")
 if [[ ${#boards[@]} -eq 0 ]]; then
-    boards=(qemu-x86_64 qemu-aarch64-virt)
+    boards=(qemu-x86_64 qemu-aarch64-virt qemu-armv7)
 fi
 
 # A board's `rust-target`, from its file or the one it inherits.

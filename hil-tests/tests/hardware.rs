@@ -22,6 +22,14 @@ fn board() -> String {
 /// Sends `request` to hw-echo and returns its report (the newest `hw-echo` record once
 /// there are `count` of them).
 fn ask(m: &mut Machine, request: &str, count: usize) -> anyhow::Result<String> {
+    ask_once(m, request, count).map_err(|e| {
+        // No answer: the component's own error says why.
+        let c = m.get("/v1/components/hw-echo").unwrap_or_default();
+        e.context(format!("hw-echo's last error: {}", c["last-error"]))
+    })
+}
+
+fn ask_once(m: &mut Machine, request: &str, count: usize) -> anyhow::Result<String> {
     let (code, body) = m.send("POST", "/v1/messages/hw-echo", request.as_bytes().to_vec())?;
     anyhow::ensure!(code == 200, "publish answered {code}: {body}");
     m.wait_for(

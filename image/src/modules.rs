@@ -142,7 +142,10 @@ mod tests {
             b"\x7fELF\0\xb0\xb0\xa8\x80softdep=pre: crypto-crc32c\0depends=\0license=GPL\0",
         )
         .expect("write");
-        assert_eq!(modinfo(&ko, "softdep").expect("read"), ["pre: crypto-crc32c"]);
+        assert_eq!(
+            modinfo(&ko, "softdep").expect("read"),
+            ["pre: crypto-crc32c"]
+        );
         assert_eq!(modinfo(&ko, "depends").expect("read"), [""]);
         assert!(modinfo(&ko, "alias").expect("read").is_empty());
     }
