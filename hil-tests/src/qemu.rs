@@ -134,14 +134,17 @@ fn uboot_binary(arch: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// A running QEMU; killed when dropped.
+/// A running QEMU, killed when dropped; or a real board the tests reach over the network
+/// ([`Machine::attach`]).
 #[derive(Debug)]
 pub struct Machine {
     child: Option<Child>,
-    spec: MachineSpec,
+    /// What QEMU booted; `None` for a real board.
+    spec: Option<MachineSpec>,
+    /// The agent's API base URL.
+    base: String,
     console: PathBuf,
     qmp: PathBuf,
-    port: u16,
     _dir: tempfile::TempDir,
     http: reqwest::blocking::Client,
     booted: Instant,
@@ -214,10 +217,10 @@ impl Machine {
             .with_context(|| format!("starting {}", qemu.display()))?;
         Ok(Self {
             child: Some(child),
-            spec: spec.clone(),
+            spec: Some(spec.clone()),
+            base: format!("http://127.0.0.1:{port}"),
             console,
             qmp,
-            port,
             _dir: dir,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -226,9 +229,41 @@ impl Machine {
         })
     }
 
+    /// A real board running a Perch image, its agent's API at `target` (`host:port`): the
+    /// same API helpers, but no console, QMP or power control.
+    pub fn attach(target: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        Ok(Self {
+            child: None,
+            spec: None,
+            base: format!("http://{target}"),
+            console: dir.path().join("console.log"),
+            qmp: dir.path().join("qmp.sock"),
+            _dir: dir,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            booted: Instant::now(),
+        })
+    }
+
+    /// The real board `PERCH_HIL_TARGET` (`host:port`) names, if any: scenarios then run
+    /// against it instead of QEMU, and those that need power control or a fresh disk say
+    /// they cannot.
+    pub fn target() -> Option<String> {
+        std::env::var("PERCH_HIL_TARGET")
+            .ok()
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Whether this is QEMU (console, QMP and power control available).
+    pub fn emulated(&self) -> bool {
+        self.spec.is_some()
+    }
+
     /// The agent's API base URL on the host.
     pub fn api(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.base.clone()
     }
 
     /// The last `lines` lines the guest printed.
@@ -299,9 +334,9 @@ impl Machine {
     /// The console line that marks the kernel taking over: U-Boot's `Starting kernel`, or
     /// the kernel's own first line for direct boots.
     pub fn kernel_start_marker(&self) -> &'static str {
-        match self.spec.boot {
-            Boot::UBoot => "Starting kernel",
-            Boot::Direct { .. } => "Linux version",
+        match self.spec.as_ref().map(|s| &s.boot) {
+            Some(Boot::UBoot) => "Starting kernel",
+            _ => "Linux version",
         }
     }
 
@@ -404,12 +439,16 @@ impl Machine {
 
     /// Cuts the power: QEMU is killed with SIGKILL, so whatever the guest had not flushed
     /// to its disk is gone, as on a real power loss.
-    pub fn power_cut(mut self) -> MachineSpec {
+    pub fn power_cut(mut self) -> Result<MachineSpec> {
+        let spec = self
+            .spec
+            .clone()
+            .context("a real board's power cannot be cut from here")?;
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.spec.clone()
+        Ok(spec)
     }
 }
 

@@ -23,6 +23,12 @@ fn outbox(m: &Machine) -> anyhow::Result<Value> {
 
 #[test]
 fn acknowledged_telemetry_and_the_journal_survive_power_cuts() -> anyhow::Result<()> {
+    if let Some(t) = Machine::target() {
+        eprintln!(
+            "hil: {t}: power cuts need QEMU (or a switched supply the harness lacks): skipped"
+        );
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let spec = image::build(&board(), dir.path())?;
 
@@ -51,7 +57,7 @@ fn acknowledged_telemetry_and_the_journal_survive_power_cuts() -> anyhow::Result
         Ok((outbox(m)?["last-seq"].as_u64() > Some(300)).then_some(()))
     })?;
     let stored = outbox(&m)?["last-seq"].as_u64().unwrap_or(0);
-    let spec = m.power_cut();
+    let spec = m.power_cut()?;
 
     let mut m = Machine::boot(&spec)?;
     m.wait_healthy(Duration::from_secs(180))?;
@@ -81,7 +87,7 @@ fn acknowledged_telemetry_and_the_journal_survive_power_cuts() -> anyhow::Result
             .send();
     });
     std::thread::sleep(Duration::from_millis(400));
-    let spec = m.power_cut();
+    let spec = m.power_cut()?;
     let _ = deploy.join();
     let mut m = Machine::boot(&spec)?;
     m.wait_healthy(Duration::from_secs(180))?;
