@@ -18,7 +18,11 @@ need_deb() {
     for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "cross-build: installing ${missing[*]}" >&2
-        apt-get install -y --no-install-recommends "${missing[@]}" >&2
+        local sudo=""
+        [[ $(id -u) -eq 0 ]] || sudo="sudo"
+        # Fresh package lists first: a new machine may have none.
+        $sudo apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
     fi
 }
 
