@@ -24,12 +24,7 @@ pub const QEMU_PACKAGES: &[&str] = &[
 
 /// Where QEMU is unpacked: `PERCH_QEMU_DIR`, else `~/.cache/perch/qemu`.
 pub fn qemu_dir() -> PathBuf {
-    std::env::var_os("PERCH_QEMU_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/perch/qemu")
-        })
+    perch_image::debs::perch_cache("PERCH_QEMU_DIR", "qemu")
 }
 
 /// The QEMU system emulator for `arch` (`x86_64`, `aarch64`, `arm`): on `PATH`, else in

@@ -35,12 +35,16 @@ pub fn read_lock(path: &Path) -> Result<Vec<Pinned>> {
 
 /// The package cache: `PERCH_DEB_CACHE`, else `~/.cache/perch/debs`.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("PERCH_DEB_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/perch/debs")
-        })
+    perch_cache("PERCH_DEB_CACHE", "debs")
+}
+
+/// A directory that survives between runs: `$env` if set, else `~/.cache/perch/<name>`.
+pub fn perch_cache(env: &str, name: &str) -> PathBuf {
+    std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/perch")
+            .join(name)
+    })
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
