@@ -124,6 +124,8 @@ pub struct Agent {
     sync: std::sync::OnceLock<perch_sync::Link>,
     /// The A/B slots this device booted from, or why it has none.
     slots: Result<crate::boot::Slots, String>,
+    /// Set while a system update is written, and after it until the reboot: one at a time.
+    updating: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -234,6 +236,7 @@ impl Agent {
         }
         let agent = Arc::new(Self {
             slots,
+            updating: std::sync::atomic::AtomicBool::new(false),
             config,
             trust,
             store,
@@ -388,11 +391,28 @@ impl Agent {
             .as_ref()
             .map_err(|reason| CommandError::from(crate::boot::BootError::NoSlots(reason.clone())))?
             .clone();
+        if self.updating.swap(true, Ordering::AcqRel) {
+            return Err(CommandError::new(
+                ErrorKind::Conflict,
+                "a system update is already being installed, or installed and waiting for its reboot",
+            ));
+        }
         let len = bytes.len() as u64;
         let digest = Digest::of(&bytes);
-        let slot = tokio::task::spawn_blocking(move || slots.install(&bytes, expected.as_ref()))
-            .await
-            .map_err(internal)??;
+        let installed =
+            tokio::task::spawn_blocking(move || slots.install(&bytes, expected.as_ref())).await;
+        let slot = match installed {
+            Ok(Ok(slot)) => slot,
+            // Nothing was marked for the next boot: another update may try.
+            Ok(Err(e)) => {
+                self.updating.store(false, Ordering::Release);
+                return Err(e.into());
+            }
+            Err(e) => {
+                self.updating.store(false, Ordering::Release);
+                return Err(internal(e));
+            }
+        };
         let (runtime, store) = (self.runtime.clone(), self.store.clone());
         tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
