@@ -98,19 +98,7 @@ pub fn build(shell: &Shell, opts: BuildOptions) -> Result<()> {
                 "Building",
                 format!("perchd for {target} (scripts/cross-build.sh)"),
             );
-            let out = Command::new("bash")
-                .arg(root.join("scripts/cross-build.sh"))
-                .arg(&target)
-                .stderr(Stdio::inherit())
-                .output()
-                .context("running scripts/cross-build.sh")?;
-            if !out.status.success() {
-                return Err(Failure::msg(format!(
-                    "scripts/cross-build.sh {target} failed ({})",
-                    out.status
-                )));
-            }
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+            perch_image::cross_build(&root, &target)?
         }
     };
     let device_config = match &opts.config {

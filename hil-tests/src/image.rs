@@ -2,9 +2,8 @@
 //! built for the board (`scripts/cross-build.sh`), with a device config for tests.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use perch_core::board::BoardConfig;
 
 use crate::{Boot, MachineSpec};
@@ -31,17 +30,7 @@ pub fn perchd_for(target: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("PERCH_HIL_PERCHD") {
         return Ok(PathBuf::from(p));
     }
-    let root = perch_tests::repo_root();
-    let out = Command::new("bash")
-        .arg(root.join("scripts/cross-build.sh"))
-        .arg(target)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running scripts/cross-build.sh")?;
-    if !out.status.success() {
-        bail!("scripts/cross-build.sh {target} failed ({})", out.status);
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    perch_image::cross_build(&perch_tests::repo_root(), target)
 }
 
 /// A board's image, built for a test.

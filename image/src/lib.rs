@@ -262,6 +262,21 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
     })
 }
 
+/// `perchd` for `target`, built by `<repo>/scripts/cross-build.sh` (its progress goes to
+/// stderr); returns the binary's path.
+pub fn cross_build(repo: &Path, target: &str) -> Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(repo.join("scripts/cross-build.sh"))
+        .arg(target)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running scripts/cross-build.sh")?;
+    if !out.status.success() {
+        bail!("scripts/cross-build.sh {target} failed ({})", out.status);
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
 /// The module names (file stems) of module paths, in order.
 fn module_names(mods: &[PathBuf]) -> Result<Vec<String>> {
     mods.iter()
@@ -272,16 +287,6 @@ fn module_names(mods: &[PathBuf]) -> Result<Vec<String>> {
                 .with_context(|| format!("module path {}", m.display()))
         })
         .collect()
-}
-
-/// The device of partition `n` of `disk` (`/dev/vda` 1 -> `/dev/vda1`, `/dev/mmcblk0` 1 ->
-/// `/dev/mmcblk0p1`).
-pub fn partition(disk: &str, n: u8) -> String {
-    if disk.ends_with(|c: char| c.is_ascii_digit()) {
-        format!("{disk}p{n}")
-    } else {
-        format!("{disk}{n}")
-    }
 }
 
 fn step(what: &str) {
@@ -354,8 +359,8 @@ done
 "#,
         modules = modules.join(" "),
         timeout = TRIAL_TIMEOUT_S,
-        data = partition(disk, 4),
-        boot = partition(disk, 1),
+        data = perch_core::board::partition(disk, 4),
+        boot = perch_core::board::partition(disk, 1),
         env = BOOT_ENV,
     )
 }

@@ -112,6 +112,17 @@ pub struct ImageSpec {
     pub bootloader: Option<String>,
 }
 
+/// The device of partition `n` of `disk`: `/dev/vda` 2 -> `/dev/vda2`, `/dev/mmcblk0` 2 ->
+/// `/dev/mmcblk0p2` (a `p` when the disk's name ends in a digit). Shared by the image's
+/// `/init` and the agent's A/B updates, which must agree on it.
+pub fn partition(disk: &str, n: u8) -> String {
+    if disk.ends_with(|c: char| c.is_ascii_digit()) {
+        format!("{disk}p{n}")
+    } else {
+        format!("{disk}{n}")
+    }
+}
+
 /// The bootloaders the image builder knows.
 pub const BOOTLOADERS: &[&str] = &["u-boot", "direct"];
 

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use perch_core::board::partition;
 use perch_core::{BootStatus, CommandError, ComponentState, Digest, ErrorKind};
 
 /// The boot partition's mount point (the image's `/init` mounts it there).
@@ -92,15 +93,6 @@ pub struct Slots {
     pub boot_dir: PathBuf,
 }
 
-/// The partition `n` of `disk` (`/dev/vda` -> `/dev/vda2`, `/dev/mmcblk0` -> `/dev/mmcblk0p2`).
-pub fn partition(disk: &str, n: u8) -> PathBuf {
-    if disk.ends_with(|c: char| c.is_ascii_digit()) {
-        PathBuf::from(format!("{disk}p{n}"))
-    } else {
-        PathBuf::from(format!("{disk}{n}"))
-    }
-}
-
 impl Slots {
     /// The A/B facts of a boot from its kernel command line, the board's disk and the boot
     /// partition's mount point; an error says why updates are not possible here.
@@ -135,7 +127,7 @@ impl Slots {
         Ok(Self {
             booted,
             trial: arg("perch.trial") == Some("1"),
-            devices: [partition(disk, 2), partition(disk, 3)],
+            devices: [partition(disk, 2).into(), partition(disk, 3).into()],
             boot_dir: boot_dir.to_path_buf(),
         })
     }
