@@ -48,6 +48,9 @@ pub mod examples {
     pub const BURST: &str = env!("PERCH_EXAMPLE_BURST");
     /// Fixture: drives GPIO lines and reads sensors on request, publishing what it saw.
     pub const HW_ECHO: &str = env!("PERCH_EXAMPLE_HW_ECHO");
+    /// Fixture: republishes `work.<rest>` as `done.<rest>` (a `calls` payload: its
+    /// instance's call count).
+    pub const RELAY: &str = env!("PERCH_EXAMPLE_RELAY");
 
     /// Reads an example's bytes.
     pub fn bytes(path: &str) -> Vec<u8> {

@@ -357,3 +357,86 @@ impl JsApi {
         Ok(out)
     }
 }
+
+/// A core NATS client on its own runtime, as the fleet: keeps every message on its
+/// subscription and publishes on request.
+#[derive(Debug)]
+pub struct Peer {
+    rt: tokio::runtime::Runtime,
+    client: async_nats::Client,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+}
+
+impl Peer {
+    /// Connects to `url` and subscribes to `filter`.
+    pub fn connect(url: &str, filter: &str) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let client = rt
+            .block_on(async_nats::connect(url))
+            .with_context(|| format!("connect to {url}"))?;
+        let mut sub = rt
+            .block_on(client.subscribe(filter.to_string()))
+            .with_context(|| format!("subscribe to {filter}"))?;
+        rt.block_on(client.flush())?;
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        rt.spawn(async move {
+            use futures::StreamExt;
+            while let Some(m) = sub.next().await {
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push((m.subject.to_string(), m.payload.to_vec()));
+            }
+        });
+        Ok(Self {
+            rt,
+            client,
+            received,
+        })
+    }
+
+    /// Publishes (core NATS) and flushes.
+    pub fn publish(&self, subject: &str, payload: &[u8]) -> Result<()> {
+        self.rt.block_on(async {
+            self.client
+                .publish(subject.to_string(), payload.to_vec().into())
+                .await?;
+            self.client.flush().await?;
+            Ok(())
+        })
+    }
+
+    /// Everything received so far, as (subject, payload).
+    pub fn received(&self) -> Vec<(String, Vec<u8>)> {
+        self.received
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until `f` holds for what was received; returns it.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&[(String, Vec<u8>)]) -> bool,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.received();
+            if f(&got) {
+                return Ok(got);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what} ({} messages received)",
+                    got.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

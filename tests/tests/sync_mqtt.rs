@@ -796,3 +796,70 @@ fn artifacts_from_urls_resume_and_commands_are_answered() -> TestResult {
     drop(agent);
     Ok(())
 }
+
+/// The payloads received on `topic`, as text.
+fn texts_on(got: &[Received], topic: &str) -> Vec<String> {
+    got.iter()
+        .filter(|m| m.topic == topic)
+        .map(Received::text)
+        .collect()
+}
+
+#[test]
+fn fleet_messages_reach_components_and_none_is_lost_while_the_agent_is_down() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let broker = Mosquitto::start(&dir.path().join("mosquitto"), "")?;
+    let fleet = Receiver::connect(broker.port, "fleet-bus", None, &[&topic("out/#")])?;
+    let agent_dir = dir.path().join("agent");
+    let launch = Launch {
+        extra_config: sync_config(&broker, ""),
+        ..Launch::default()
+    };
+    let mut agent = Perchd::start(&agent_dir, launch.clone())?;
+    let relay = examples::bytes(examples::RELAY);
+    let r = agent.deploy("relay", &relay, "message=work.>")?;
+    assert!(r.status < 300, "{r:?}");
+
+    // Until the agent's session is subscribed, a QoS 1 probe still waits in the broker
+    // (the session persists), but the first connect may not have happened yet: repeat.
+    agent.wait_for(Duration::from_secs(20), "a first round trip", |_| {
+        fleet.publish(&topic("in/work/probe"), b"calls", false)?;
+        std::thread::sleep(Duration::from_millis(100));
+        Ok((!texts_on(&fleet.messages(), &topic("out/done/probe")).is_empty()).then_some(()))
+    })?;
+
+    // QoS 1 from the fleet, through the component, back up: every one arrives.
+    const N: usize = 500;
+    for i in 0..N {
+        fleet.publish(&topic("in/work/job"), i.to_string().as_bytes(), false)?;
+    }
+    let got = fleet.wait_for(Duration::from_secs(30), "every answer", |got| {
+        texts_on(got, &topic("out/done/job")).len() >= N
+    })?;
+    let answers: BTreeSet<String> = texts_on(&got, &topic("out/done/job")).into_iter().collect();
+    assert_eq!(answers, (0..N).map(|i| i.to_string()).collect());
+
+    // Sent while the agent is down: the broker keeps them for the device's session, and
+    // the agent acknowledges each only once its bus took it, so all arrive after restart.
+    agent.kill9();
+    const LATE: usize = 200;
+    for i in 0..LATE {
+        fleet.publish(&topic("in/work/late"), i.to_string().as_bytes(), false)?;
+    }
+    let mut agent = Perchd::start(&agent_dir, launch)?;
+    let got = fleet.wait_for(Duration::from_secs(30), "the late answers", |got| {
+        texts_on(got, &topic("out/done/late")).len() >= LATE
+    })?;
+    let late: BTreeSet<String> = texts_on(&got, &topic("out/done/late"))
+        .into_iter()
+        .collect();
+    assert_eq!(late, (0..LATE).map(|i| i.to_string()).collect());
+    let s = status(&agent)?;
+    assert!(
+        s["sync"]["messages-in"].as_u64() >= Some(LATE as u64),
+        "{s}"
+    );
+    assert_eq!(s["sync"]["messages-dropped"], 0, "{s}");
+    agent.stop()?;
+    Ok(())
+}

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use perch_tests::nats::{JsApi, NatsServer, StoredMessage};
+use perch_tests::nats::{JsApi, NatsServer, Peer, StoredMessage};
 use perch_tests::{Launch, Perchd, artifact, examples, repo_root};
 use serde_json::{Value, json};
 
@@ -675,4 +675,108 @@ fn an_object_download_resumes_at_the_next_chunk() -> TestResult {
         assert!(!e.permanent && e.reason.contains("no object"), "{e}");
         Ok(())
     })
+}
+
+/// The payloads received on `subject`, as text.
+fn texts_on(got: &[(String, Vec<u8>)], subject: &str) -> Vec<String> {
+    got.iter()
+        .filter(|(s, _)| s == subject)
+        .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
+        .collect()
+}
+
+#[test]
+fn fleet_messages_reach_components_and_their_messages_reach_the_fleet() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut nats = NatsServer::standalone(&dir.path().join("nats"), "hub")?;
+    let agent = Perchd::start(
+        &dir.path().join("agent"),
+        Launch {
+            extra_config: sync_config(&nats.url(), None),
+            ..Launch::default()
+        },
+    )?;
+    let relay = examples::bytes(examples::RELAY);
+    let r = agent.deploy("relay", &relay, "message=work.>")?;
+    assert!(r.status < 300, "{r:?}");
+    let fleet = Peer::connect(&nats.url(), &format!("perch.v1.{DEVICE}.out.>"))?;
+    let work = |leaf: &str| format!("perch.v1.{DEVICE}.in.work.{leaf}");
+    let done = |leaf: &str| format!("perch.v1.{DEVICE}.out.done.{leaf}");
+
+    // Until the link is up and subscribed, a probe may go nowhere: repeat it.
+    agent.wait_for(Duration::from_secs(20), "a first round trip", |_| {
+        fleet.publish(&work("probe"), b"calls")?;
+        std::thread::sleep(Duration::from_millis(100));
+        Ok((!texts_on(&fleet.received(), &done("probe")).is_empty()).then_some(()))
+    })?;
+
+    // 2,000 messages from the fleet, each handled by the component in a fresh instance and
+    // its answer sent back up: every one arrives.
+    const N: usize = 2000;
+    for i in 0..N {
+        fleet.publish(&work("job"), i.to_string().as_bytes())?;
+    }
+    let got = fleet.wait_for(Duration::from_secs(30), "every answer", |got| {
+        texts_on(got, &done("job")).len() >= N
+    })?;
+    let answers: BTreeSet<String> = texts_on(&got, &done("job")).into_iter().collect();
+    let expected: BTreeSet<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(answers, expected);
+    // A fresh instance per call: every call is the instance's first.
+    assert!(
+        texts_on(&got, &done("probe")).iter().all(|c| c == "1"),
+        "{:?}",
+        texts_on(&got, &done("probe"))
+    );
+
+    // With `calls-per-instance` the component keeps its instance, and its state, between
+    // calls.
+    let r = agent.deploy(
+        "relay",
+        &relay,
+        "message=work.>&instances=1&calls-per-instance=100",
+    )?;
+    assert!(r.status < 300, "{r:?}");
+    for _ in 0..3 {
+        fleet.publish(&work("count"), b"calls")?;
+    }
+    let got = fleet.wait_for(Duration::from_secs(10), "three counts", |got| {
+        texts_on(got, &done("count")).len() >= 3
+    })?;
+    assert_eq!(texts_on(&got, &done("count")), ["1", "2", "3"]);
+
+    // What the local API publishes goes up too.
+    let r = agent.publish("alarm.door", b"open")?;
+    assert!(r.status < 300, "{r:?}");
+    let got = fleet.wait_for(Duration::from_secs(10), "the alarm", |got| {
+        !texts_on(got, &format!("perch.v1.{DEVICE}.out.alarm.door")).is_empty()
+    })?;
+    assert_eq!(
+        texts_on(&got, &format!("perch.v1.{DEVICE}.out.alarm.door")),
+        ["open"]
+    );
+    let s = agent.get("/v1/status")?;
+    assert!(
+        s["sync"]["messages-in"].as_u64() >= Some(N as u64 + 4),
+        "{s}"
+    );
+    assert!(
+        s["sync"]["messages-out"].as_u64() >= Some(N as u64 + 4),
+        "{s}"
+    );
+    assert_eq!(s["sync"]["messages-dropped"], 0, "{s}");
+
+    // Without a link, messages for the fleet are dropped and counted (telemetry is the
+    // durable path).
+    nats.kill();
+    agent.wait_for(Duration::from_secs(30), "the link to drop", |a| {
+        Ok((a.get("/v1/status")?["sync"]["link"] != "connected").then_some(()))
+    })?;
+    agent.publish("alarm.door", b"closed")?;
+    let s = agent.wait_for(Duration::from_secs(10), "the drop counted", |a| {
+        let s = a.get("/v1/status")?;
+        Ok((s["sync"]["messages-dropped"].as_u64() >= Some(1)).then_some(s))
+    })?;
+    assert_eq!(s["sync"]["messages-dropped"], 1, "{s}");
+    Ok(())
 }

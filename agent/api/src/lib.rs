@@ -224,6 +224,15 @@ pub fn parse_deploy_query(
                 }
                 None
             }
+            "calls-per-instance" => {
+                match v.parse() {
+                    Ok(n) => limits.calls_per_instance = Some(n),
+                    Err(_) => problems.push(format!(
+                        "query `calls-per-instance`: `{v}` is not a whole number"
+                    )),
+                }
+                None
+            }
             "instances" => {
                 match v.parse() {
                     Ok(n) => limits.instances = Some(n),
@@ -242,7 +251,7 @@ pub fn parse_deploy_query(
             }
             other => {
                 problems.push(format!(
-                    "unknown query parameter `{other}`: expected every, http, message, startup, trigger, memory, timeout, instances or digest"
+                    "unknown query parameter `{other}`: expected every, http, message, startup, trigger, memory, timeout, instances, calls-per-instance or digest"
                 ));
                 None
             }

@@ -322,6 +322,16 @@ pub struct SyncStatus {
     pub artifact_bytes: u64,
     /// Commands from the fleet answered since start.
     pub commands: u64,
+    /// Messages from the fleet handed to the local bus since start.
+    #[serde(default)]
+    pub messages_in: u64,
+    /// Local-bus messages sent to the fleet since start.
+    #[serde(default)]
+    pub messages_out: u64,
+    /// Local-bus messages for the fleet dropped: published while the link was down, or
+    /// their send failed (messages are at most once; telemetry is the durable path).
+    #[serde(default)]
+    pub messages_dropped: u64,
 }
 
 /// What became of a desired state received from the fleet.

@@ -217,6 +217,9 @@ pub struct SyncConfig {
     pub heartbeat: Duration,
     /// Outbox records in flight to the broker at once.
     pub window: usize,
+    /// Local-bus subjects sent to the fleet (patterns; `[">"]`, the default, sends every
+    /// message published on the device's bus, `[]` none).
+    pub forward: Vec<String>,
 }
 
 /// Whether `id` is a valid device id: 1-64 of lowercase letters, digits, `-` and `_`,
@@ -526,6 +529,12 @@ impl AgentConfig {
             if window == Some(0) {
                 sync.problem("window", "must be at least 1");
             }
+            let forward = sync.take::<Vec<String>>("forward");
+            for pattern in forward.iter().flatten() {
+                if let Err(e) = crate::spec::check_subject_pattern(pattern) {
+                    sync.problem("forward", e);
+                }
+            }
             let cfg_sync = SyncConfig {
                 device: device.unwrap_or_default(),
                 transport: transport.unwrap_or(SyncTransport::Nats),
@@ -546,6 +555,7 @@ impl AgentConfig {
                 key_file: sync.take::<PathBuf>("key-file"),
                 heartbeat: heartbeat.unwrap_or(DEFAULT_HEARTBEAT),
                 window: window.unwrap_or(DEFAULT_SYNC_WINDOW).max(1),
+                forward: forward.unwrap_or_else(|| vec![">".into()]),
             };
             if cfg_sync.cert_file.is_some() != cfg_sync.key_file.is_some() {
                 sync.problem(
@@ -571,6 +581,7 @@ impl AgentConfig {
                 "key-file",
                 "heartbeat",
                 "window",
+                "forward",
             ]);
             cfg.sync = Some(cfg_sync);
         }

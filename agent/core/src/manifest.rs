@@ -11,7 +11,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigProblem;
-use crate::spec::{Grants, Limits, MAX_INSTANCES_PER_COMPONENT, Trigger, check_name};
+use crate::spec::{
+    Grants, Limits, MAX_CALLS_PER_INSTANCE, MAX_INSTANCES_PER_COMPONENT, Trigger, check_name,
+};
 use crate::units::{ByteSize, HumanDuration};
 use crate::walk::{Walker, closest};
 
@@ -25,7 +27,7 @@ pub const MAX_NAME: usize = 128;
 const TRIGGER_KINDS: &[&str] = &["every", "http", "message", "startup", "gpio"];
 const GRANT_KINDS: &[&str] = &["gpio", "sensors", "telemetry", "http"];
 const GPIO_MODES: &[&str] = &["read", "write"];
-const LIMIT_KEYS: &[&str] = &["memory", "timeout", "instances"];
+const LIMIT_KEYS: &[&str] = &["memory", "timeout", "instances", "calls-per-instance"];
 const MANIFEST_KEYS: &[&str] = &["name", "triggers", "grants", "config", "limits", "compose"];
 
 /// A component's manifest: its name on the device, triggers, grants, config defaults and
@@ -545,6 +547,17 @@ fn parse_limits(mut w: Walker<'_>) -> Limits {
             _ => w.problem(
                 "instances",
                 format!("`{n}` is out of range: use 1 to {MAX_INSTANCES_PER_COMPONENT}"),
+            ),
+        }
+    }
+    if let Some(n) = w.take::<i64>("calls-per-instance") {
+        match u32::try_from(n) {
+            Ok(n) if (1..=MAX_CALLS_PER_INSTANCE).contains(&n) => {
+                limits.calls_per_instance = Some(n);
+            }
+            _ => w.problem(
+                "calls-per-instance",
+                format!("`{n}` is out of range: use 1 to {MAX_CALLS_PER_INSTANCE}"),
             ),
         }
     }

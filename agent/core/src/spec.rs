@@ -42,6 +42,9 @@ pub enum SpecError {
     /// component `{component}`: limit `instances` must be between 1 and {max}
     #[error("component `{component}`: limit `instances` must be between 1 and {max}")]
     Instances { component: String, max: u32 },
+    /// component `{component}`: limit `calls-per-instance` must be between 1 and {max}
+    #[error("component `{component}`: limit `calls-per-instance` must be between 1 and {max}")]
+    CallsPerInstance { component: String, max: u32 },
     /// component `{component}`: source `{url}` must be an http:// or https:// URL
     #[error("component `{component}`: source `{url}` must be an http:// or https:// URL")]
     Source { component: String, url: String },
@@ -280,16 +283,19 @@ fn check_route(route: &str) -> Result<(), String> {
 }
 
 /// Checks a subject pattern: non-empty `.`-separated tokens, `*` as a whole token, `>` last.
+/// `/`, `+` and `#` are refused too, so every subject is also an MQTT topic (`.` → `/`) and
+/// comes back from the fleet unchanged.
 pub fn check_subject_pattern(subject: &str) -> Result<(), String> {
     let tokens: Vec<&str> = subject.split('.').collect();
     for (i, t) in tokens.iter().enumerate() {
         let bad = t.is_empty()
             || t.contains(char::is_whitespace)
+            || t.contains(['/', '+', '#'])
             || (t.contains('*') && *t != "*")
             || (t.contains('>') && (*t != ">" || i + 1 != tokens.len()));
         if bad {
             return Err(format!(
-                "message subject `{subject}` is invalid: use `.`-separated tokens, `*` for one token and a final `>` for the rest"
+                "message subject `{subject}` is invalid: use `.`-separated tokens without `/`, `+` or `#`, `*` for one token and a final `>` for the rest"
             ));
         }
     }
@@ -324,7 +330,15 @@ pub struct Limits {
     /// Most instances of this component alive at once (concurrent invocations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<u32>,
+    /// Calls one instance serves before it is dropped and a fresh one is made; 1 (the
+    /// default) gives every call a fresh instance. Above 1 the guest's memory and globals
+    /// persist from one call to the next; an instance that traps or times out is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls_per_instance: Option<u32>,
 }
+
+/// Most calls one instance may serve before it is replaced.
+pub const MAX_CALLS_PER_INSTANCE: u32 = 1_000_000;
 
 /// Most concurrent instances one component may ask for.
 pub const MAX_INSTANCES_PER_COMPONENT: u32 = 1000;
@@ -502,6 +516,14 @@ impl ComponentSpec {
             errors.push(SpecError::Instances {
                 component: self.name.clone(),
                 max: MAX_INSTANCES_PER_COMPONENT,
+            });
+        }
+        if let Some(n) = self.limits.calls_per_instance
+            && !(1..=MAX_CALLS_PER_INSTANCE).contains(&n)
+        {
+            errors.push(SpecError::CallsPerInstance {
+                component: self.name.clone(),
+                max: MAX_CALLS_PER_INSTANCE,
             });
         }
         if let Some(source) = &self.source

@@ -80,6 +80,10 @@ fn apply_manifest(spec: &mut ComponentSpec, manifest: Option<&Manifest>) -> Resu
     spec.limits.memory = spec.limits.memory.or(m.limits.memory);
     spec.limits.timeout = spec.limits.timeout.or(m.limits.timeout);
     spec.limits.instances = spec.limits.instances.or(m.limits.instances);
+    spec.limits.calls_per_instance = spec
+        .limits
+        .calls_per_instance
+        .or(m.limits.calls_per_instance);
     match &spec.grants {
         None => spec.grants = Some(m.grants.clone()),
         Some(g) => {
@@ -327,6 +331,11 @@ impl Agent {
     /// The store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The link to the fleet now, when `[sync]` is configured.
+    pub fn sync_status(&self) -> Option<perch_core::command::SyncStatus> {
+        self.sync.get().map(|s| s.state().status())
     }
 
     /// First boot of an image: deploys the components it ships (`<dir>/*.wasm`, each named
@@ -735,7 +744,7 @@ impl Agent {
             store_bytes: self.store.size_on_disk().unwrap_or(0),
             hardware_missing: self.runtime.board().missing(),
             outbox: self.outbox_status(),
-            sync: self.sync.get().map(|s| s.state().status()),
+            sync: self.sync_status(),
             boot: self.slots.as_ref().ok().map(|s| s.status()),
             components: self.runtime.status(),
         }
@@ -932,6 +941,13 @@ impl Agent {
 
 /// Loads the journaled desired state, falling back to the previous revision if the current
 /// one is unreadable. Never fails: an empty state is a valid start.
+/// The name the fleet publishes under on the local bus (no component can have it: names
+/// start with a letter).
+const FLEET: &str = "$fleet";
+/// Local-bus messages waiting to be sent to the fleet; more are dropped and counted
+/// (`perch_bus_dropped_total`).
+const FORWARD_QUEUE: usize = 4096;
+
 /// The agent as the sync link sees it.
 struct SyncDevice(std::sync::Weak<Agent>);
 
@@ -967,6 +983,42 @@ impl perch_sync::Device for SyncDevice {
             .open_artifact(name, bytes)
             .map(drop)
             .map_err(|e| e.message)
+    }
+
+    fn deliver(&self, message: perch_sync::BusMessage) -> BoxFuture<'static, ()> {
+        let agent = self.0.upgrade();
+        Box::pin(async move {
+            if let Some(agent) = agent {
+                agent
+                    .runtime
+                    .bus()
+                    .publish_wait(&message.subject, message.payload, Some(FLEET))
+                    .await;
+            }
+        })
+    }
+
+    fn outgoing(&self) -> Option<futures::stream::BoxStream<'static, perch_sync::BusMessage>> {
+        let agent = self.0.upgrade()?;
+        let patterns = &agent.config.sync.as_ref()?.forward;
+        if patterns.is_empty() {
+            return None;
+        }
+        // Subscribed as the fleet, so messages that came from the fleet do not go back up.
+        let (_, rx) = agent
+            .runtime
+            .bus()
+            .subscribe_any(FLEET, patterns, FORWARD_QUEUE);
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|m| {
+                let message = perch_sync::BusMessage {
+                    subject: m.subject,
+                    payload: m.payload,
+                };
+                (message, rx)
+            })
+        });
+        Some(Box::pin(stream))
     }
 
     fn command(

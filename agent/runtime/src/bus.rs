@@ -1,6 +1,7 @@
 //! The in-process message bus: components subscribe with subject patterns and publish
-//! through the `messaging` import; the local API publishes too. The sync layer will bridge
-//! it to NATS or MQTT.
+//! through the `messaging` import; the local API publishes too. The sync layer bridges it
+//! to the fleet (NATS or MQTT): messages from the fleet come in through
+//! [`Bus::publish_wait`], and the agent's forwarding subscription takes what goes up.
 //!
 //! Delivery is bounded: each subscription has a queue, and a full queue drops the message
 //! with a warning and a counter rather than stalling the publisher.
@@ -22,8 +23,18 @@ pub struct Message {
 struct Subscription {
     id: u64,
     component: String,
-    pattern: String,
+    patterns: Vec<String>,
     tx: mpsc::Sender<Message>,
+}
+
+impl Subscription {
+    fn wants(&self, subject: &str, from: Option<&str>) -> bool {
+        Some(self.component.as_str()) != from
+            && self
+                .patterns
+                .iter()
+                .any(|p| perch_core::spec::subject_matches(p, subject))
+    }
 }
 
 /// The bus.
@@ -48,12 +59,23 @@ impl Bus {
         pattern: &str,
         capacity: usize,
     ) -> (u64, mpsc::Receiver<Message>) {
+        self.subscribe_any(component, &[pattern.to_string()], capacity)
+    }
+
+    /// Subscribes `component` to every subject matching any of `patterns`, each message
+    /// once, through one queue.
+    pub fn subscribe_any(
+        &self,
+        component: &str,
+        patterns: &[String],
+        capacity: usize,
+    ) -> (u64, mpsc::Receiver<Message>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sub = Subscription {
             id,
             component: component.to_string(),
-            pattern: pattern.to_string(),
+            patterns: patterns.to_vec(),
             tx,
         };
         self.subs
@@ -81,9 +103,7 @@ impl Bus {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut delivered = 0;
         for s in subs.iter() {
-            if Some(s.component.as_str()) == from
-                || !perch_core::spec::subject_matches(&s.pattern, subject)
-            {
+            if !s.wants(subject, from) {
                 continue;
             }
             let msg = Message {
@@ -97,6 +117,38 @@ impl Bus {
                     tracing::warn!(component = %s.component, subject, "message dropped: the component's queue is full");
                 }
             }
+        }
+        delivered
+    }
+
+    /// Delivers like [`Self::publish`], but waits for room in each matching queue instead of
+    /// dropping: for messages that arrive from outside (the fleet), whose sender is slowed
+    /// down rather than losing them. Returns how many subscriptions took it.
+    pub async fn publish_wait(&self, subject: &str, payload: Bytes, from: Option<&str>) -> usize {
+        self.published.fetch_add(1, Ordering::Relaxed);
+        let targets: Vec<mpsc::Sender<Message>> = {
+            let subs = self
+                .subs
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            subs.iter()
+                .filter(|s| s.wants(subject, from))
+                .map(|s| s.tx.clone())
+                .collect()
+        };
+        let mut delivered = 0;
+        for tx in targets {
+            let msg = Message {
+                subject: subject.to_string(),
+                payload: payload.clone(),
+            };
+            // Room now: no await. A closed queue (the component was stopped) is skipped.
+            let sent = match tx.try_send(msg) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(msg)) => tx.send(msg).await.is_ok(),
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            };
+            delivered += usize::from(sent);
         }
         delivered
     }
@@ -115,6 +167,36 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn publish_wait_waits_for_room_instead_of_dropping() {
+        let bus = Bus::new();
+        let (_, mut rx) = bus.subscribe("c", "in.>", 1);
+        assert_eq!(
+            bus.publish_wait("in.a", Bytes::from_static(b"1"), None)
+                .await,
+            1
+        );
+        let b = bus.clone();
+        let second =
+            tokio::spawn(
+                async move { b.publish_wait("in.a", Bytes::from_static(b"2"), None).await },
+            );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "the queue is full: the second waits");
+        assert_eq!(
+            rx.recv().await.map(|m| m.payload),
+            Some(Bytes::from_static(b"1"))
+        );
+        assert_eq!(second.await.ok(), Some(1));
+        assert_eq!(
+            rx.recv().await.map(|m| m.payload),
+            Some(Bytes::from_static(b"2"))
+        );
+        assert_eq!(bus.dropped(), 0);
+        // The sender's own subscription is skipped, as with `publish`.
+        assert_eq!(bus.publish_wait("in.a", Bytes::new(), Some("c")).await, 0);
+    }
 
     #[tokio::test]
     async fn routes_by_pattern_and_skips_the_publisher() {

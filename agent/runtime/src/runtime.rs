@@ -36,6 +36,8 @@ pub struct EffectiveLimits {
     pub memory: u64,
     pub timeout: Duration,
     pub instances: u32,
+    /// Calls one instance serves before a fresh one replaces it (1: a fresh one per call).
+    pub calls_per_instance: u32,
 }
 
 impl EffectiveLimits {
@@ -44,7 +46,23 @@ impl EffectiveLimits {
             memory: Some(ByteSize(self.memory)),
             timeout: Some(HumanDuration(self.timeout)),
             instances: Some(self.instances),
+            calls_per_instance: Some(self.calls_per_instance),
         }
+    }
+}
+
+/// An instance kept between calls (`limits.calls-per-instance` above 1), with its store.
+struct Warm {
+    store: WtStore<Host>,
+    instance: wasmtime::component::Instance,
+    calls: u32,
+}
+
+impl std::fmt::Debug for Warm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warm")
+            .field("calls", &self.calls)
+            .finish_non_exhaustive()
     }
 }
 
@@ -58,6 +76,9 @@ pub struct Running {
     permits: Arc<Semaphore>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     subscriptions: Mutex<Vec<u64>>,
+    /// Idle instances waiting for their next call; at most `limits.instances`, since each
+    /// was used under one of the permits.
+    warm: Mutex<Vec<Warm>>,
 }
 
 impl Running {
@@ -278,6 +299,7 @@ impl Runtime {
             memory: limits.memory.map_or(d.memory.bytes(), |m| m.bytes()),
             timeout: limits.timeout.map_or(d.timeout, |t| t.0),
             instances: limits.instances.unwrap_or(d.instances),
+            calls_per_instance: limits.calls_per_instance.unwrap_or(1),
         }
     }
 
@@ -345,6 +367,7 @@ impl Runtime {
             loaded,
             tasks: Mutex::new(Vec::new()),
             subscriptions: Mutex::new(Vec::new()),
+            warm: Mutex::new(Vec::new()),
         });
         write(&self.failed).remove(&name);
         if let Some(old) = write(&self.running).insert(name.clone(), running.clone()) {
@@ -410,6 +433,15 @@ impl Runtime {
             .drain(..)
         {
             t.abort();
+        }
+        let warm = std::mem::take(
+            &mut *r
+                .warm
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for w in warm {
+            r.end_instance(w.store);
         }
     }
 
@@ -604,15 +636,47 @@ impl Runtime {
         if r.supervisor.admit().is_err() {
             return Outcome::Skipped("backing off after repeated crashes");
         }
-        r.supervisor.instance_started();
         let started = Instant::now();
-        let mut store = self.new_store(r);
+        let warm = if r.limits.calls_per_instance > 1 {
+            r.warm
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop()
+        } else {
+            None
+        };
+        let (mut store, mut instance, calls) = match warm {
+            Some(w) => (w.store, Some(w.instance), w.calls),
+            None => {
+                r.supervisor.instance_started();
+                (self.new_store(r), None, 0)
+            }
+        };
+        // A kept store has used up its epoch deadline; every call starts with a fresh one.
+        store.set_epoch_deadline(1);
         let result = {
-            let fut = call_export(&mut store, &r.loaded, &call);
+            let fut = call_export(&mut store, &r.loaded, &mut instance, &call);
             tokio::time::timeout(r.limits.timeout, fut).await
         };
-        r.end_instance(store);
         let outcome = classify(result, r.limits.timeout);
+        let calls = calls + 1;
+        match instance {
+            // A trap or a timeout may leave the instance mid-way: it is never called again.
+            Some(instance)
+                if calls < r.limits.calls_per_instance
+                    && matches!(outcome, Outcome::Ok | Outcome::GuestError(_)) =>
+            {
+                r.warm
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Warm {
+                        store,
+                        instance,
+                        calls,
+                    });
+            }
+            _ => r.end_instance(store),
+        }
         self.finish(r, &call.describe(), &outcome, started);
         outcome
     }
@@ -846,8 +910,18 @@ impl Drop for Runtime {
 
 type CallResult = wasmtime::Result<Result<(), String>>;
 
-async fn call_export(store: &mut WtStore<Host>, loaded: &Loaded, call: &Call) -> CallResult {
-    let instance = loaded.pre.instantiate_async(&mut *store).await?;
+/// Calls `call`'s export on `instance`, instantiating the component first when there is
+/// none yet.
+async fn call_export(
+    store: &mut WtStore<Host>,
+    loaded: &Loaded,
+    instance: &mut Option<wasmtime::component::Instance>,
+    call: &Call,
+) -> CallResult {
+    let instance = match instance {
+        Some(i) => *i,
+        None => *instance.insert(loaded.pre.instantiate_async(&mut *store).await?),
+    };
     let missing = || {
         wasmtime::format_err!(
             "the component does not export the function for {}",

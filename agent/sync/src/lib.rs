@@ -125,12 +125,69 @@ pub trait Transport: Send + 'static {
     /// The fleet's commands, as they arrive (ends when the link drops).
     fn commands(&mut self) -> BoxFuture<'_, Result<BoxStream<'static, Request>, SyncError>>;
 
+    /// The fleet side of the device's local bus for this connection: messages the fleet
+    /// sends the device, and a sender for the device's messages to the fleet.
+    fn messages(&mut self) -> BoxFuture<'_, Result<Messages, SyncError>> {
+        let name = self.name();
+        Box::pin(async move {
+            Err(SyncError::Setup {
+                what: "local-bus messages".into(),
+                reason: format!("the {name} transport does not carry them"),
+            })
+        })
+    }
+
     /// Sends the answer to a command.
     fn reply<'a>(
         &'a mut self,
         to: &'a ReplyTo,
         body: Vec<u8>,
     ) -> BoxFuture<'a, Result<(), SyncError>>;
+}
+
+/// A message of the device's local bus on its way to or from the fleet. Subjects are the
+/// local ones (`cmd.fan`); the transport maps them into the device's tree
+/// (`perch.v1.<device>.in.cmd.fan`, `perch/v1/<device>/out/cmd/fan`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusMessage {
+    pub subject: String,
+    pub payload: bytes::Bytes,
+}
+
+/// A message from the fleet and, where the transport acknowledges deliveries (MQTT QoS 1),
+/// the acknowledgement to send once the device's bus has taken it.
+pub struct Inbound {
+    pub message: BusMessage,
+    pub taken: Option<BoxFuture<'static, ()>>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("message", &self.message)
+            .field("acked", &self.taken.is_some())
+            .finish()
+    }
+}
+
+/// Sends the device's local-bus messages to the fleet over one connection.
+pub trait Outgoing: Send + Sync + 'static {
+    /// Sends one message (at most once: no acknowledgement is waited for).
+    fn send(&self, message: BusMessage) -> BoxFuture<'_, Result<(), SyncError>>;
+}
+
+/// The fleet side of the local bus for one connection ([`Transport::messages`]).
+pub struct Messages {
+    /// Messages from the fleet, in order; ends when the link drops.
+    pub incoming: BoxStream<'static, Inbound>,
+    /// Where the device's messages go.
+    pub outgoing: Arc<dyn Outgoing>,
+}
+
+impl std::fmt::Debug for Messages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messages").finish_non_exhaustive()
+    }
 }
 
 /// A device that runs nothing: reports `null`, refuses desired states and commands.
@@ -218,6 +275,19 @@ pub trait Device: Send + Sync + 'static {
         op: String,
         body: Vec<u8>,
     ) -> BoxFuture<'static, Result<serde_json::Value, CommandError>>;
+
+    /// Hands a message from the fleet to the local bus; resolves once every subscriber has
+    /// queued it, so a slow component slows the fleet's sender down instead of losing
+    /// messages. The default drops it.
+    fn deliver(&self, message: BusMessage) -> BoxFuture<'static, ()> {
+        let _ = message;
+        Box::pin(async {})
+    }
+
+    /// The local-bus messages to send to the fleet; taken once, when the link starts.
+    fn outgoing(&self) -> Option<BoxStream<'static, BusMessage>> {
+        None
+    }
 }
 
 /// Shared state of the link, read by the API and metrics.
@@ -232,6 +302,9 @@ pub struct SyncState {
     artifacts_fetched: AtomicU64,
     artifact_bytes: AtomicU64,
     commands: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    messages_dropped: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -267,6 +340,9 @@ impl SyncState {
             artifacts_fetched: AtomicU64::new(0),
             artifact_bytes: AtomicU64::new(0),
             commands: AtomicU64::new(0),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            messages_dropped: AtomicU64::new(0),
         }
     }
 
@@ -317,6 +393,9 @@ impl SyncState {
             artifacts_fetched: self.artifacts_fetched.load(Ordering::Relaxed),
             artifact_bytes: self.artifact_bytes.load(Ordering::Relaxed),
             commands: self.commands.load(Ordering::Relaxed),
+            messages_in: self.messages_in.load(Ordering::Relaxed),
+            messages_out: self.messages_out.load(Ordering::Relaxed),
+            messages_dropped: self.messages_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -327,6 +406,7 @@ pub struct Link {
     state: Arc<SyncState>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    uplink: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Link {
@@ -353,7 +433,12 @@ impl Link {
     ) -> Self {
         let state = Arc::new(SyncState::new(config));
         let (stop, stopped) = watch::channel(false);
+        let (outgoing, current) = watch::channel(None);
+        let uplink = device
+            .outgoing()
+            .map(|rx| tokio::spawn(uplink(rx, current, state.clone())));
         let link = Session {
+            outgoing,
             transport,
             store,
             state: state.clone(),
@@ -364,7 +449,12 @@ impl Link {
             tls: None,
         };
         let task = tokio::spawn(run(link, stopped));
-        Self { state, stop, task }
+        Self {
+            state,
+            stop,
+            task,
+            uplink,
+        }
     }
 
     /// The link's state.
@@ -382,6 +472,62 @@ impl Drop for Link {
     fn drop(&mut self) {
         self.stop();
         self.task.abort();
+        if let Some(t) = &self.uplink {
+            t.abort();
+        }
+    }
+}
+
+/// Sends the device's local-bus messages over the connection of the moment; while there is
+/// none they are dropped and counted (messages are at most once; telemetry is durable).
+async fn uplink(
+    mut rx: BoxStream<'static, BusMessage>,
+    current: watch::Receiver<Option<Arc<dyn Outgoing>>>,
+    state: Arc<SyncState>,
+) {
+    while let Some(message) = rx.next().await {
+        let out = current.borrow().clone();
+        let sent = match out {
+            Some(out) => match out.send(message).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a local-bus message for the fleet was not sent");
+                    false
+                }
+            },
+            None => false,
+        };
+        let counter = if sent {
+            &state.messages_out
+        } else {
+            &state.messages_dropped
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Hands the fleet's messages to the device's bus, one at a time and in order, each
+/// acknowledged (where the transport does) only once the bus has taken it.
+async fn downlink(
+    mut incoming: BoxStream<'static, Inbound>,
+    device: Arc<dyn Device>,
+    state: Arc<SyncState>,
+) {
+    while let Some(Inbound { message, taken }) = incoming.next().await {
+        device.deliver(message).await;
+        if let Some(ack) = taken {
+            ack.await;
+        }
+        state.messages_in.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Aborts a task when dropped: the per-connection message tasks end with the connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -401,6 +547,8 @@ async fn pause(d: Duration, stopped: &mut watch::Receiver<bool>) -> bool {
 
 /// What the loop owns.
 struct Session {
+    /// The current connection's sender for local-bus messages (`None` while down).
+    outgoing: watch::Sender<Option<Arc<dyn Outgoing>>>,
     transport: Box<dyn Transport>,
     store: Arc<dyn Store>,
     state: Arc<SyncState>,
@@ -442,6 +590,22 @@ async fn run(mut s: Session, mut stopped: watch::Receiver<bool>) {
             continue;
         }
         backoff = BACKOFF_MIN;
+        // The fleet side of the local bus, for as long as this connection lasts (set up
+        // before the link is said to be up, so a message sent then is not missed).
+        let downlink_task = match s.transport.messages().await {
+            Ok(m) => {
+                s.outgoing.send_replace(Some(m.outgoing));
+                Some(AbortOnDrop(tokio::spawn(downlink(
+                    m.incoming,
+                    s.device.clone(),
+                    s.state.clone(),
+                ))))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "local-bus messages will not be exchanged with the fleet");
+                None
+            }
+        };
         s.state.connects.fetch_add(1, Ordering::Relaxed);
         s.state.set_link(LinkState::Connected);
         let mut reported_pending = true;
@@ -560,6 +724,8 @@ async fn run(mut s: Session, mut stopped: watch::Receiver<bool>) {
                 }
             }
         };
+        s.outgoing.send_replace(None);
+        drop(downlink_task);
         s.state.set_link(LinkState::Disconnected);
         s.state.error(&failure);
         if pause(backoff, &mut stopped).await {

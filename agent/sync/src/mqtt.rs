@@ -116,6 +116,25 @@ pub fn default_reply_topic(device: &str, op: &str) -> String {
     format!("{}/cmd/{op}/reply", device_root(device))
 }
 
+/// `perch/v1/<device>/in/#`: messages from the fleet for the device's local bus; the
+/// levels after `in/` are the local subject's tokens.
+pub fn inbound_filter(device: &str) -> String {
+    format!("{}/in/#", device_root(device))
+}
+
+/// `perch/v1/<device>/out/<subject with / for .>`: a local-bus message for the fleet.
+pub fn outbound_topic(device: &str, subject: &str) -> String {
+    subjects::mqtt_topic(&subjects::outbound(device, subject))
+}
+
+/// QoS 1 messages the broker may have in flight to the device unacknowledged (the receive
+/// maximum sent in CONNECT). Local-bus messages are acknowledged once the bus took them,
+/// so this is also how far the broker runs ahead of slow components.
+const RECEIVE_MAXIMUM: u16 = 256;
+/// Local-bus messages received and not yet handed to the bus: room for every QoS 1
+/// message the broker may send unacknowledged, and more; only a QoS 0 flood overflows it.
+const MESSAGE_QUEUE: usize = 2 * RECEIVE_MAXIMUM as usize;
+
 /// User property naming a command, echoed in its answer; a repeated id runs once.
 pub const CMD_ID_PROPERTY: &str = "perch-cmd-id";
 /// Commands received and not yet taken by the sync loop; more are dropped (and logged).
@@ -295,6 +314,10 @@ impl Mqtt {
             .set_max_packet_size(Some(MAX_INCOMING_PACKET))
             .set_connection_timeout(TIMEOUT.as_secs())
             .set_request_channel_capacity(REQUEST_CAPACITY)
+            // Incoming QoS 1 publishes are acknowledged by the transport: local-bus messages
+            // only once the bus took them, so none is lost between PUBACK and delivery.
+            .set_manual_acks(true)
+            .set_receive_maximum(Some(RECEIVE_MAXIMUM))
             // rumqttc sizes its in-flight table by this; the broker's receive maximum may
             // lower it.
             .set_outgoing_inflight_upper_limit(config.window.clamp(1, u16::MAX as usize) as u16)
@@ -567,6 +590,34 @@ impl Transport for Mqtt {
         })
     }
 
+    fn messages(&mut self) -> BoxFuture<'_, Result<crate::Messages, SyncError>> {
+        Box::pin(async move {
+            self.connected()?;
+            let url = self.url.clone();
+            let session = self
+                .session
+                .as_mut()
+                .ok_or(SyncError::NotConnected { url })?;
+            let rx = session.messages.take().ok_or_else(|| SyncError::Setup {
+                what: "local-bus messages".into(),
+                reason: "already taken in this session".into(),
+            })?;
+            let incoming =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+                );
+            use futures::StreamExt;
+            Ok(crate::Messages {
+                incoming: incoming.boxed(),
+                outgoing: Arc::new(BusOutgoing {
+                    client: session.client.clone(),
+                    device: self.device.clone(),
+                }),
+            })
+        })
+    }
+
     fn reply<'a>(
         &'a mut self,
         to: &'a crate::ReplyTo,
@@ -756,6 +807,37 @@ fn suback_result(ack: &SubAck) -> Result<(), AckError> {
     }
 }
 
+/// Local-bus messages to the fleet: QoS 0 publishes on `perch/v1/<device>/out/…`.
+struct BusOutgoing {
+    client: AsyncClient,
+    device: String,
+}
+
+impl crate::Outgoing for BusOutgoing {
+    fn send(&self, message: crate::BusMessage) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            let topic = outbound_topic(&self.device, &message.subject);
+            match tokio::time::timeout(
+                ACK_TIMEOUT,
+                self.client
+                    .publish_bytes(topic, QoS::AtMostOnce, false, message.payload),
+            )
+            .await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "the broker took no new message for {ACK_TIMEOUT:?}"
+                )),
+            }
+            .map_err(|reason| SyncError::Publish {
+                what: format!("local-bus message `{}`", message.subject),
+                reason,
+            })
+        })
+    }
+}
+
 /// One connection to the broker and the task polling it; dropping it closes the
 /// connection.
 struct Session {
@@ -768,6 +850,8 @@ struct Session {
     subscribed_at: Option<Instant>,
     /// Commands from the fleet, until [`Transport::commands`] takes them.
     commands: Option<tokio::sync::mpsc::Receiver<crate::Request>>,
+    /// Local-bus messages from the fleet, until [`Transport::messages`] takes them.
+    messages: Option<tokio::sync::mpsc::Receiver<crate::Inbound>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -787,12 +871,15 @@ impl Session {
         let (desired_tx, desired) = watch::channel(Desired::default());
         let (connack_tx, connack) = oneshot::channel();
         let (commands_tx, commands) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+        let (messages_tx, messages) = tokio::sync::mpsc::channel(MESSAGE_QUEUE);
         let feeds = Feeds {
+            client: client.clone(),
             tracker: tracker.clone(),
             connack: connack_tx,
             ended: ended_tx,
             desired: desired_tx,
             commands: commands_tx,
+            messages: messages_tx,
         };
         let task = tokio::spawn(drive(events, feeds, device.to_string(), url.to_string()));
         let mut session = Self {
@@ -802,6 +889,7 @@ impl Session {
             desired,
             subscribed_at: None,
             commands: Some(commands),
+            messages: Some(messages),
             task,
         };
         let connect_error = |reason: String| SyncError::Connect {
@@ -837,6 +925,15 @@ impl Session {
                 &commands_filter(device),
                 url,
                 "commands from the fleet will not be received",
+            )
+            .await?;
+
+        // Local-bus messages: queued by the broker with the session like commands.
+        session
+            .subscribe(
+                &inbound_filter(device),
+                url,
+                "messages from the fleet will not be received",
             )
             .await?;
 
@@ -960,25 +1057,44 @@ impl Session {
 
 /// Where the event loop's task reports what it sees.
 struct Feeds {
+    client: AsyncClient,
     tracker: Arc<Mutex<Tracker>>,
     connack: oneshot::Sender<Result<bool, String>>,
     ended: watch::Sender<Option<String>>,
     desired: watch::Sender<Desired>,
     commands: tokio::sync::mpsc::Sender<crate::Request>,
+    messages: tokio::sync::mpsc::Sender<crate::Inbound>,
+}
+
+/// Acknowledges an incoming QoS 1 publish without waiting in the event loop's task (which
+/// is the one that empties the request channel the ack goes through).
+fn ack_now(client: &AsyncClient, p: &rumqttc::v5::mqttbytes::v5::Publish) {
+    if p.qos == QoS::AtMostOnce {
+        return;
+    }
+    if client.try_ack(p).is_err() {
+        let (client, p) = (client.clone(), p.clone());
+        tokio::spawn(async move {
+            let _ = client.ack(&p).await;
+        });
+    }
 }
 
 /// Polls the event loop until the connection fails, then ends the session (rumqttc would
 /// reconnect on the next poll; a fresh session is opened instead, see the module docs).
 async fn drive(mut events: EventLoop, feeds: Feeds, device: String, url: String) {
     let Feeds {
+        client,
         tracker,
         connack,
         ended,
         desired,
         commands,
+        messages,
     } = feeds;
     let desired_topic = desired_topic(&device);
     let command_prefix = format!("{}/cmd/", device_root(&device));
+    let inbound_prefix = format!("{}/in/", device_root(&device));
     let mut connack = Some(connack);
     let reason = loop {
         let event = match events.poll().await {
@@ -997,10 +1113,43 @@ async fn drive(mut events: EventLoop, feeds: Feeds, device: String, url: String)
             }
             Event::Incoming(Packet::Publish(p)) if p.topic == desired_topic.as_bytes() => {
                 tracing::debug!(topic = %desired_topic, bytes = p.payload.len(), retained = p.retain, "desired state received");
+                ack_now(&client, &p);
                 let doc = (!p.payload.is_empty()).then(|| p.payload.to_vec());
                 desired.send_replace(Desired { doc });
             }
+            Event::Incoming(Packet::Publish(p))
+                if p.topic.starts_with(inbound_prefix.as_bytes()) =>
+            {
+                let subject =
+                    String::from_utf8_lossy(&p.topic[inbound_prefix.len()..]).replace('/', ".");
+                if perch_core::spec::check_subject_pattern(&subject).is_err()
+                    || subject.contains(['*', '>'])
+                {
+                    tracing::warn!(topic = %String::from_utf8_lossy(&p.topic), "a message from the fleet with no usable local subject is dropped");
+                    ack_now(&client, &p);
+                    continue;
+                }
+                let taken: Option<BoxFuture<'static, ()>> = (p.qos != QoS::AtMostOnce).then(|| {
+                    let (client, p) = (client.clone(), p.clone());
+                    Box::pin(async move {
+                        let _ = client.ack(&p).await;
+                    }) as BoxFuture<'static, ()>
+                });
+                let inbound = crate::Inbound {
+                    message: crate::BusMessage {
+                        subject,
+                        payload: p.payload.clone(),
+                    },
+                    taken,
+                };
+                // QoS 1 deliveries are bounded by the receive maximum and fit; a full queue
+                // means a QoS 0 flood, which is at most once.
+                if let Err(e) = messages.try_send(inbound) {
+                    tracing::warn!(error = %e, "a message from the fleet dropped: too many waiting");
+                }
+            }
             Event::Incoming(Packet::Publish(p)) => {
+                ack_now(&client, &p);
                 let topic = String::from_utf8_lossy(&p.topic);
                 match topic
                     .strip_prefix(&command_prefix)

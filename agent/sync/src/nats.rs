@@ -12,6 +12,7 @@
 //! Streams are created through the JetStream JSON API rather than the client's typed
 //! helpers, which expect fields a 2.9 server does not send.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -36,6 +37,27 @@ const STREAM_EXISTS: u64 = 10058;
 const NO_MESSAGE: u64 = 10037;
 /// JetStream's error code for "stream not found".
 const NO_STREAM: u64 = 10059;
+
+/// Local-bus messages to the fleet: core NATS publishes on `perch.v1.<device>.out.…`.
+struct Outgoing {
+    client: async_nats::Client,
+    device: String,
+}
+
+impl crate::Outgoing for Outgoing {
+    fn send(&self, message: crate::BusMessage) -> BoxFuture<'_, Result<(), SyncError>> {
+        Box::pin(async move {
+            let subject = subjects::outbound(&self.device, &message.subject);
+            self.client
+                .publish(subject, message.payload)
+                .await
+                .map_err(|e| SyncError::Publish {
+                    what: format!("local-bus message `{}`", message.subject),
+                    reason: e.to_string(),
+                })
+        })
+    }
+}
 
 /// The NATS transport.
 pub struct Nats {
@@ -147,7 +169,15 @@ impl Nats {
             // The client reconnects on its own once connected; the sync loop waits for it.
             .max_reconnects(None)
             .event_callback(|event| async move {
-                tracing::debug!(%event, "nats client");
+                match event {
+                    // The fleet sends faster than the components take messages and the
+                    // client's buffer is full: NATS drops (core NATS is at most once).
+                    async_nats::Event::SlowConsumer(sid) => tracing::warn!(
+                        subscription = sid,
+                        "messages from the fleet dropped: the device takes them slower than they arrive"
+                    ),
+                    event => tracing::debug!(%event, "nats client"),
+                }
             })
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((100u64 << attempts.min(6)).min(2000))
@@ -655,6 +685,48 @@ impl Transport for Nats {
                     })
                 })
                 .boxed())
+        })
+    }
+
+    fn messages(&mut self) -> BoxFuture<'_, Result<crate::Messages, SyncError>> {
+        Box::pin(async move {
+            let client = self.connected()?.clone();
+            let prefix = subjects::inbound_prefix(&self.device);
+            let filter = format!("{prefix}>");
+            let sub = client
+                .subscribe(filter.clone())
+                .await
+                .map_err(|e| SyncError::Setup {
+                    what: format!("subscribing to {filter}"),
+                    reason: e.to_string(),
+                })?;
+            // The server knows the subscription before the link is called up.
+            client.flush().await.map_err(|e| SyncError::Setup {
+                what: format!("subscribing to {filter}"),
+                reason: e.to_string(),
+            })?;
+            use futures::StreamExt;
+            let incoming = sub
+                .filter_map(move |m| {
+                    let subject = m.subject.strip_prefix(prefix.as_str()).map(str::to_string);
+                    async move {
+                        Some(crate::Inbound {
+                            message: crate::BusMessage {
+                                subject: subject?,
+                                payload: m.payload,
+                            },
+                            taken: None,
+                        })
+                    }
+                })
+                .boxed();
+            Ok(crate::Messages {
+                incoming,
+                outgoing: Arc::new(Outgoing {
+                    client,
+                    device: self.device.clone(),
+                }),
+            })
         })
     }
 

@@ -52,6 +52,17 @@ pub fn commands(device: &str) -> String {
     format!("{ROOT}.{device}.cmd.*")
 }
 
+/// `perch.v1.<device>.in.`: the prefix of messages from the fleet to the device's local
+/// bus; what follows it is the local subject.
+pub fn inbound_prefix(device: &str) -> String {
+    format!("{ROOT}.{device}.in.")
+}
+
+/// `perch.v1.<device>.out.<subject>`: local-bus message `subject` on its way to the fleet.
+pub fn outbound(device: &str, subject: &str) -> String {
+    format!("{ROOT}.{device}.out.{subject}")
+}
+
 /// The stream of object store `bucket`.
 pub fn object_stream(bucket: &str) -> String {
     format!("OBJ_{bucket}")
@@ -96,6 +107,8 @@ mod tests {
         assert_eq!(message_id("gw-1", 42), "gw-1:42");
         assert_eq!(command("gw-1", "status"), "perch.v1.gw-1.cmd.status");
         assert_eq!(commands("gw-1"), "perch.v1.gw-1.cmd.*");
+        assert_eq!(inbound_prefix("gw-1"), "perch.v1.gw-1.in.");
+        assert_eq!(outbound("gw-1", "alarm.fan"), "perch.v1.gw-1.out.alarm.fan");
         // The name encoding every object store client uses (nats.go, async-nats).
         assert_eq!(
             object_meta("perch-components", "sha256:ab"),

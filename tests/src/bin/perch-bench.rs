@@ -2,7 +2,7 @@
 //! printed as one Markdown table (copied into docs/performance.md).
 //!
 //! ```text
-//! cargo run --release -p perch-tests --bin perch-bench -- [--idle-secs 60] [--launches 30] [--only NAME]
+//! cargo run --release -p perch-tests --bin perch-bench -- [--idle-secs 60] [--launches 30] [--drain-records N] [--pipeline-messages N] [--only NAME]
 //! ```
 //! `scripts/bench.sh` installs the load generator (wrk) and `wasmtime` (for `wasmtime serve`)
 //! first; without them the HTTP row says what is missing.
@@ -35,6 +35,7 @@ struct Args {
     idle_secs: u64,
     launches: usize,
     drain_records: u64,
+    pipeline_messages: u64,
     only: Option<String>,
 }
 
@@ -43,6 +44,7 @@ fn parse_args() -> Result<Args> {
         idle_secs: 60,
         launches: 30,
         drain_records: 1_000_000,
+        pipeline_messages: 200_000,
         only: None,
     };
     let mut it = std::env::args().skip(1);
@@ -53,9 +55,12 @@ fn parse_args() -> Result<Args> {
             "--drain-records" => {
                 args.drain_records = it.next().context("--drain-records N")?.parse()?
             }
+            "--pipeline-messages" => {
+                args.pipeline_messages = it.next().context("--pipeline-messages N")?.parse()?
+            }
             "--only" => args.only = Some(it.next().context("--only NAME")?),
             other => bail!(
-                "unknown argument `{other}`; expected --idle-secs N, --launches N, --drain-records N, --only NAME"
+                "unknown argument `{other}`; expected --idle-secs N, --launches N, --drain-records N, --pipeline-messages N, --only NAME"
             ),
         }
     }
@@ -1027,6 +1032,175 @@ fn bench_drain_mqtt(rows: &mut Vec<Row>, n: u64) -> Result<()> {
     Ok(())
 }
 
+// --- NATS message -> component -> publish ------------------------------------------------
+
+/// What the fleet sees of one pipeline run: messages answered per second, and whether every
+/// one came back exactly once.
+struct PipelineRun {
+    rate: f64,
+    lossless: bool,
+    detail: String,
+}
+
+/// Sends `n` messages to `perch.v1.bench.in.work.job` from a fleet-side NATS client, at
+/// most `window` unanswered at once, and waits for all `n` answers on
+/// `perch.v1.bench.out.done.job`. Payloads are the message numbers, so a loss or a
+/// duplicate is seen.
+async fn pipeline_run(
+    url: &str,
+    agent: &perchd::Agent,
+    n: u64,
+    window: u64,
+) -> Result<PipelineRun> {
+    use futures::StreamExt;
+    let client = async_nats::connect(url).await?;
+    let mut answers = client.subscribe("perch.v1.bench.out.done.job").await?;
+    client.flush().await?;
+    let dropped_before = agent.runtime().bus().dropped();
+    let mut seen = vec![false; n as usize];
+    let (mut sent, mut received, mut duplicates) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    while received < n {
+        while sent < n && sent - received < window {
+            client
+                .publish("perch.v1.bench.in.work.job", sent.to_string().into())
+                .await?;
+            sent += 1;
+        }
+        let next = tokio::time::timeout(Duration::from_secs(10), answers.next()).await;
+        let Ok(Some(m)) = next else {
+            return Ok(PipelineRun {
+                rate: received as f64 / start.elapsed().as_secs_f64(),
+                lossless: false,
+                detail: format!("stalled: {received} of {sent} answered after 10 s of silence"),
+            });
+        };
+        let i: usize = std::str::from_utf8(&m.payload)?.parse()?;
+        if std::mem::replace(&mut seen[i], true) {
+            duplicates += 1;
+        } else {
+            received += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    let dropped = agent.runtime().bus().dropped() - dropped_before;
+    Ok(PipelineRun {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        lossless: duplicates == 0 && dropped == 0,
+        detail: format!("{duplicates} duplicates, {dropped} dropped on the bus"),
+    })
+}
+
+/// A message from the fleet handed to a component whose answer goes back to the fleet:
+/// the relay fixture with a fresh instance per message and with instance reuse, against a
+/// native handler (a tokio task on the same bus doing what the component does) in the same
+/// agent, link and NATS server.
+fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
+    use perch_tests::nats::NatsServer;
+    const WINDOW: u64 = 1024;
+    let dir = tempfile::tempdir()?;
+    let server = NatsServer::standalone(&dir.path().join("nats"), "hub")?;
+    let rt = bench_tokio()?;
+    let mut config = perch_core::AgentConfig::from_toml(
+        &format!(
+            "[sync]\ndevice = \"bench\"\nurl = \"{}\"\nheartbeat = \"1h\"\n",
+            server.url()
+        ),
+        "bench",
+    )?;
+    config.data_dir = dir.path().join("agent");
+    let relay = std::fs::read(examples::RELAY)?;
+    let mut results = Vec::new();
+    rt.block_on(async {
+        let agent = perchd::Agent::start(config).await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while agent
+            .sync_status()
+            .is_none_or(|s| s.link != perch_core::command::LinkState::Connected)
+        {
+            if Instant::now() > deadline {
+                bail!("the agent did not connect to {}", server.url());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let runtime = agent.runtime().clone();
+
+        progress("pipeline: native handler");
+        let bus = runtime.bus().clone();
+        let (id, mut rx) = bus.subscribe("native", "work.>", perch_runtime::runtime::MESSAGE_QUEUE);
+        let native = tokio::spawn({
+            let bus = bus.clone();
+            async move {
+                while let Some(m) = rx.recv().await {
+                    let rest = m.subject.strip_prefix("work.").unwrap_or(&m.subject);
+                    bus.publish(&format!("done.{rest}"), m.payload, Some("native"));
+                }
+            }
+        });
+        results.push((
+            "native handler (tokio task on the bus)",
+            pipeline_run(&server.url(), &agent, n, WINDOW).await?,
+        ));
+        bus.unsubscribe(id);
+        native.abort();
+
+        let digest = agent.store().put_blob(&relay, None)?;
+        for (label, calls) in [
+            ("component, fresh instance per message", 1),
+            (
+                "component, instance reuse (`calls-per-instance = 100000`)",
+                100_000,
+            ),
+        ] {
+            progress(&format!("pipeline: {label}"));
+            let spec = ComponentSpec {
+                name: "relay".into(),
+                digest: digest.clone(),
+                source: None,
+                triggers: vec![Trigger::Message("work.>".into())],
+                limits: perch_core::Limits {
+                    calls_per_instance: Some(calls),
+                    ..Default::default()
+                },
+                grants: None,
+                config: Default::default(),
+                signer: None,
+            };
+            runtime.activate(runtime.prepare(spec).await?);
+            results.push((label, pipeline_run(&server.url(), &agent, n, WINDOW).await?));
+            runtime.remove("relay");
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let native = results[0].1.rate;
+    for (label, run) in &results {
+        let goal = match *label {
+            l if l.contains("fresh") => ">= 30,000 msg/s lossless, >= 60 % of native",
+            l if l.contains("reuse") => ">= 100,000 msg/s lossless, >= 60 % of native",
+            _ => "(the baseline)",
+        };
+        rows.push(Row {
+            name: format!(
+                "NATS message -> {label} -> NATS publish, {n} messages, {WINDOW} in flight"
+            ),
+            perch: format!(
+                "{:.0} msg/s, {} ({})",
+                run.rate,
+                if run.lossless {
+                    "lossless"
+                } else {
+                    "LOST OR DUPLICATED"
+                },
+                run.detail
+            ),
+            baseline: format!("native handler: {native:.0} msg/s"),
+            ratio: format!("{:.0} %", 100.0 * run.rate / native),
+            goal: goal.into(),
+        });
+    }
+    Ok(())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1079,6 +1253,9 @@ fn main() -> Result<()> {
     }
     if want("drain-mqtt") {
         bench_drain_mqtt(&mut rows, args.drain_records)?;
+    }
+    if want("pipeline") {
+        bench_pipeline(&mut rows, args.pipeline_messages)?;
     }
     println!("Machine: {}\n", machine());
     println!("| benchmark | perch | baseline (same run) | ratio | goal |");
