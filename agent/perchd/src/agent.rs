@@ -858,7 +858,25 @@ impl Agent {
                 "perch_sync_commands_total",
                 "Commands from the fleet answered since the agent started.",
                 "counter",
-                vec![(label, sync.commands)],
+                vec![(label.clone(), sync.commands)],
+            );
+            gauge(
+                "perch_sync_messages_in_total",
+                "Messages from the fleet handed to the local bus.",
+                "counter",
+                vec![(label.clone(), sync.messages_in)],
+            );
+            gauge(
+                "perch_sync_messages_out_total",
+                "Local-bus messages sent to the fleet.",
+                "counter",
+                vec![(label.clone(), sync.messages_out)],
+            );
+            gauge(
+                "perch_sync_messages_dropped_total",
+                "Local-bus messages for the fleet dropped (link down or send failed).",
+                "counter",
+                vec![(label, sync.messages_dropped)],
             );
         }
         gauge(

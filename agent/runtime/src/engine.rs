@@ -94,7 +94,11 @@ pub fn build_engine(cfg: &AgentConfig) -> Result<(Engine, AllocatorKind), Engine
         .total_tables(slots.saturating_mul(2))
         .max_tables_per_component(MAX_TABLES_PER_COMPONENT)
         .total_stacks(slots)
-        .max_memory_size(cfg.limits.memory.bytes() as usize);
+        .max_memory_size(cfg.limits.memory.bytes() as usize)
+        // `runtime.keep-resident`: reset the start of a slot given back in place rather
+        // than decommitting it (see the config's docs for the trade).
+        .linear_memory_keep_resident(cfg.runtime.keep_resident.bytes() as usize)
+        .table_keep_resident(cfg.runtime.keep_resident.bytes() as usize);
     let mut c = base_config(cfg);
     c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     match Engine::new(&c) {

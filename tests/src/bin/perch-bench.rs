@@ -1091,40 +1091,34 @@ async fn pipeline_run(
     })
 }
 
-/// A message from the fleet handed to a component whose answer goes back to the fleet:
-/// the relay fixture with a fresh instance per message and with instance reuse, against a
-/// native handler (a tokio task on the same bus doing what the component does) in the same
-/// agent, link and NATS server.
-fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
-    use perch_tests::nats::NatsServer;
+/// Starts an agent with `config` linked to `url` and runs the pipeline through it: the
+/// native handler and instance reuse when `all`, a fresh instance per message always.
+async fn pipeline_agent(
+    url: &str,
+    config: AgentConfig,
+    relay: &[u8],
+    n: u64,
+    all: bool,
+    results: &mut Vec<(String, PipelineRun)>,
+) -> Result<()> {
     const WINDOW: u64 = 1024;
-    let dir = tempfile::tempdir()?;
-    let server = NatsServer::standalone(&dir.path().join("nats"), "hub")?;
-    let rt = bench_tokio()?;
-    let mut config = perch_core::AgentConfig::from_toml(
-        &format!(
-            "[sync]\ndevice = \"bench\"\nurl = \"{}\"\nheartbeat = \"1h\"\n",
-            server.url()
-        ),
-        "bench",
-    )?;
-    config.data_dir = dir.path().join("agent");
-    let relay = std::fs::read(examples::RELAY)?;
-    let mut results = Vec::new();
-    rt.block_on(async {
-        let agent = perchd::Agent::start(config).await?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while agent
-            .sync_status()
-            .is_none_or(|s| s.link != perch_core::command::LinkState::Connected)
-        {
-            if Instant::now() > deadline {
-                bail!("the agent did not connect to {}", server.url());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    let keep = match config.runtime.keep_resident.bytes() {
+        0 => "off".to_string(),
+        _ => format!("\"{}\"", config.runtime.keep_resident),
+    };
+    let agent = perchd::Agent::start(config).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent
+        .sync_status()
+        .is_none_or(|s| s.link != perch_core::command::LinkState::Connected)
+    {
+        if Instant::now() > deadline {
+            bail!("the agent did not connect to {url}");
         }
-        let runtime = agent.runtime().clone();
-
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let runtime = agent.runtime().clone();
+    if all {
         progress("pipeline: native handler");
         let bus = runtime.bus().clone();
         let (id, mut rx) = bus.subscribe("native", "work.>", perch_runtime::runtime::MESSAGE_QUEUE);
@@ -1137,52 +1131,92 @@ fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
                 }
             }
         });
-        results.push((
-            "native handler (tokio task on the bus)",
-            pipeline_run(&server.url(), &agent, n, WINDOW).await?,
-        ));
+        let run = pipeline_run(url, &agent, n, WINDOW).await?;
+        results.push(("native handler (tokio task on the bus)".into(), run));
         bus.unsubscribe(id);
         native.abort();
+    }
+    let digest = agent.store().put_blob(relay, None)?;
+    let mut modes = vec![(
+        format!("component, fresh instance per message (`keep-resident` {keep})"),
+        1,
+    )];
+    if all {
+        modes.push((
+            "component, instance reuse (`calls-per-instance = 100000`)".into(),
+            100_000,
+        ));
+    }
+    for (label, calls) in modes {
+        progress(&format!("pipeline: {label}"));
+        let spec = ComponentSpec {
+            name: "relay".into(),
+            digest: digest.clone(),
+            source: None,
+            triggers: vec![Trigger::Message("work.>".into())],
+            limits: perch_core::Limits {
+                calls_per_instance: Some(calls),
+                ..Default::default()
+            },
+            grants: None,
+            config: Default::default(),
+            signer: None,
+        };
+        runtime.activate(runtime.prepare(spec).await?);
+        let run = pipeline_run(url, &agent, n, WINDOW).await?;
+        results.push((label, run));
+        runtime.remove("relay");
+    }
+    Ok(())
+}
 
-        let digest = agent.store().put_blob(&relay, None)?;
-        for (label, calls) in [
-            ("component, fresh instance per message", 1),
-            (
-                "component, instance reuse (`calls-per-instance = 100000`)",
-                100_000,
+/// A message from the fleet handed to a component whose answer goes back to the fleet:
+/// the relay fixture with a fresh instance per message (with `runtime.keep-resident` off
+/// and at 1 MiB, each in its own agent) and with instance reuse, against a native handler
+/// (a tokio task on the same bus doing what the component does) in the same agent, link
+/// and NATS server.
+fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
+    use perch_tests::nats::NatsServer;
+    let dir = tempfile::tempdir()?;
+    let server = NatsServer::standalone(&dir.path().join("nats"), "hub")?;
+    let rt = bench_tokio()?;
+    let relay = std::fs::read(examples::RELAY)?;
+    let mut results = Vec::new();
+    // `keep-resident` off (the default) and at 1 MiB.
+    for keep_resident in [None, Some("1MiB")] {
+        let runtime = keep_resident.map_or(String::new(), |k| {
+            format!("[runtime]\nkeep-resident = \"{k}\"\n")
+        });
+        let mut config = perch_core::AgentConfig::from_toml(
+            &format!(
+                "{runtime}[sync]\ndevice = \"bench\"\nurl = \"{}\"\nheartbeat = \"1h\"\n",
+                server.url()
             ),
-        ] {
-            progress(&format!("pipeline: {label}"));
-            let spec = ComponentSpec {
-                name: "relay".into(),
-                digest: digest.clone(),
-                source: None,
-                triggers: vec![Trigger::Message("work.>".into())],
-                limits: perch_core::Limits {
-                    calls_per_instance: Some(calls),
-                    ..Default::default()
-                },
-                grants: None,
-                config: Default::default(),
-                signer: None,
-            };
-            runtime.activate(runtime.prepare(spec).await?);
-            results.push((label, pipeline_run(&server.url(), &agent, n, WINDOW).await?));
-            runtime.remove("relay");
-        }
-        Ok::<_, anyhow::Error>(())
-    })?;
+            "bench",
+        )?;
+        config.data_dir = dir
+            .path()
+            .join(format!("agent-{}", keep_resident.unwrap_or("default")));
+        rt.block_on(pipeline_agent(
+            &server.url(),
+            config,
+            &relay,
+            n,
+            keep_resident.is_none(),
+            &mut results,
+        ))?;
+    }
     let native = results[0].1.rate;
     for (label, run) in &results {
-        let goal = match *label {
-            l if l.contains("fresh") => ">= 30,000 msg/s lossless, >= 60 % of native",
-            l if l.contains("reuse") => ">= 100,000 msg/s lossless, >= 60 % of native",
-            _ => "(the baseline)",
+        let goal = if label.contains("fresh") {
+            ">= 30,000 msg/s lossless, >= 60 % of native"
+        } else if label.contains("reuse") {
+            ">= 100,000 msg/s lossless, >= 60 % of native"
+        } else {
+            "(the baseline)"
         };
         rows.push(Row {
-            name: format!(
-                "NATS message -> {label} -> NATS publish, {n} messages, {WINDOW} in flight"
-            ),
+            name: format!("NATS message -> {label} -> NATS publish, {n} messages, 1024 in flight"),
             perch: format!(
                 "{:.0} msg/s, {} ({})",
                 run.rate,
