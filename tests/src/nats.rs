@@ -358,13 +358,16 @@ impl JsApi {
     }
 }
 
+/// Messages a [`Peer`] received, as (subject, payload).
+type Inbox = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A core NATS client on its own runtime, as the fleet: keeps every message on its
 /// subscription and publishes on request.
 #[derive(Debug)]
 pub struct Peer {
     rt: tokio::runtime::Runtime,
     client: async_nats::Client,
-    received: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    received: Inbox,
 }
 
 impl Peer {
@@ -381,7 +384,7 @@ impl Peer {
             .block_on(client.subscribe(filter.to_string()))
             .with_context(|| format!("subscribe to {filter}"))?;
         rt.block_on(client.flush())?;
-        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let received: Inbox = Default::default();
         let sink = received.clone();
         rt.spawn(async move {
             use futures::StreamExt;

@@ -804,6 +804,22 @@ limits = { memory = 16, timeout = "200" }"#
     }
 
     #[test]
+    fn calls_per_instance_is_read_and_bounded() -> Result<(), ManifestError> {
+        let m = Manifest::from_cargo_toml(
+            &cargo("triggers = [{ message = \"work.>\" }]\nlimits = { calls-per-instance = 1000 }"),
+            "Cargo.toml",
+        )?;
+        assert_eq!(m.limits.calls_per_instance, Some(1000));
+        assert_eq!(
+            problems("triggers = [{ startup = true }]\nlimits = { calls-per-instance = 0 }"),
+            [
+                "package.metadata.perch.limits.calls-per-instance: `0` is out of range: use 1 to 1000000"
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
     fn every_problem_is_listed_at_once() {
         let all = problems(
             r#"trigers = [{ every = "5s" }]

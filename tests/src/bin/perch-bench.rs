@@ -1151,7 +1151,7 @@ async fn pipeline_agent(
         progress(&format!("pipeline: {label}"));
         let spec = ComponentSpec {
             name: "relay".into(),
-            digest: digest.clone(),
+            digest,
             source: None,
             triggers: vec![Trigger::Message("work.>".into())],
             limits: perch_core::Limits {
