@@ -49,7 +49,7 @@ fn apply_replace_and_remove_through_desired_state_documents() -> anyhow::Result<
     let idle = agent.component("idle")?;
     assert_eq!(
         idle["limits"],
-        json!({"memory": "4MiB", "timeout": "5s", "instances": 1})
+        json!({"memory": "4MiB", "timeout": "5s", "instances": 1, "calls-per-instance": 1})
     );
     agent.wait_for(Duration::from_secs(10), "timer ticks", |a| {
         Ok((a.component("timer")?["invocations"].as_u64().unwrap_or(0) >= 3).then_some(()))
