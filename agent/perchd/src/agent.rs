@@ -1027,16 +1027,15 @@ impl perch_sync::Device for SyncDevice {
             .runtime
             .bus()
             .subscribe_any(FLEET, patterns, FORWARD_QUEUE);
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|m| {
-                let message = perch_sync::BusMessage {
+        use futures::StreamExt as _;
+        Some(
+            perch_sync::receiver_stream(rx)
+                .map(|m| perch_sync::BusMessage {
                     subject: m.subject,
                     payload: m.payload,
-                };
-                (message, rx)
-            })
-        });
-        Some(Box::pin(stream))
+                })
+                .boxed(),
+        )
     }
 
     fn command(

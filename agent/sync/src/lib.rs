@@ -522,6 +522,11 @@ async fn downlink(
     }
 }
 
+/// A channel's receiving end as a stream (ends when every sender is gone).
+pub fn receiver_stream<T: Send + 'static>(rx: mpsc::Receiver<T>) -> BoxStream<'static, T> {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) }).boxed()
+}
+
 /// Aborts a task when dropped: the per-connection message tasks end with the connection.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

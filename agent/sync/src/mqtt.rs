@@ -576,40 +576,22 @@ impl Transport for Mqtt {
                 .ok_or_else(|| SyncError::NotConnected {
                     url: self.url.clone(),
                 })?;
-            let rx = session.commands.take().ok_or_else(|| SyncError::Setup {
-                what: "commands".into(),
-                reason: "already taken in this session".into(),
-            })?;
-            let stream =
-                futures::stream::unfold(
-                    rx,
-                    |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
-                );
-            use futures::StreamExt;
-            Ok(stream.boxed())
+            take_feed(&mut session.commands, "commands")
         })
     }
 
     fn messages(&mut self) -> BoxFuture<'_, Result<crate::Messages, SyncError>> {
         Box::pin(async move {
             self.connected()?;
-            let url = self.url.clone();
             let session = self
                 .session
                 .as_mut()
-                .ok_or(SyncError::NotConnected { url })?;
-            let rx = session.messages.take().ok_or_else(|| SyncError::Setup {
-                what: "local-bus messages".into(),
-                reason: "already taken in this session".into(),
-            })?;
-            let incoming =
-                futures::stream::unfold(
-                    rx,
-                    |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
-                );
-            use futures::StreamExt;
+                .ok_or_else(|| SyncError::NotConnected {
+                    url: self.url.clone(),
+                })?;
+            let incoming = take_feed(&mut session.messages, "local-bus messages")?;
             Ok(crate::Messages {
-                incoming: incoming.boxed(),
+                incoming,
                 outgoing: Arc::new(BusOutgoing {
                     client: session.client.clone(),
                     device: self.device.clone(),
@@ -1064,6 +1046,18 @@ struct Feeds {
     desired: watch::Sender<Desired>,
     commands: tokio::sync::mpsc::Sender<crate::Request>,
     messages: tokio::sync::mpsc::Sender<crate::Inbound>,
+}
+
+/// Takes a feed of this session (commands, local-bus messages) as a stream; once only.
+fn take_feed<T: Send + 'static>(
+    feed: &mut Option<tokio::sync::mpsc::Receiver<T>>,
+    what: &str,
+) -> Result<BoxStream<'static, T>, SyncError> {
+    let rx = feed.take().ok_or_else(|| SyncError::Setup {
+        what: what.into(),
+        reason: "already taken in this session".into(),
+    })?;
+    Ok(crate::receiver_stream(rx))
 }
 
 /// Acknowledges an incoming QoS 1 publish without waiting in the event loop's task (which
