@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const TARGET: &str = "wasm32-wasip2";
+/// The guest stack the nested builds link with, as `perch build` does by default.
+const GUEST_STACK: u64 = 128 * 1024;
 
 /// std only, so the tests crate needs no build-dependencies: an error is a message.
 type Result<T, E = String> = std::result::Result<T, E>;
@@ -62,6 +64,7 @@ fn run() -> Result<()> {
         .context("OUT_DIR is nested in the target dir")?
         .join("examples-target");
     ensure_target_installed()?;
+    println!("cargo:rustc-env=PERCH_GUEST_STACK={GUEST_STACK}");
     println!("cargo:rerun-if-changed={}", repo.join("wit").display());
     println!("cargo:rerun-if-changed={}", repo.join("sdk").display());
     for workspace in ["examples", "fixtures"] {
@@ -80,6 +83,12 @@ fn build_workspace(dir: &Path, target_dir: &Path) -> Result<()> {
         // Cargo parses this script's stdout; keep the nested build's output on stderr.
         .stdout(Stdio::from(std::io::stderr()));
     clean_env(&mut build);
+    // Linked as `perch build` links them: the default guest stack (checked against
+    // `perch_core::manifest::DEFAULT_STACK` by a test).
+    build.env(
+        "CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS",
+        format!("-C link-arg=-zstack-size={GUEST_STACK}"),
+    );
     build.env("CARGO_TARGET_DIR", target_dir);
     let status = build
         .status()

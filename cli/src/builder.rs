@@ -71,8 +71,23 @@ pub fn ensure_target(shell: &Shell, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `cargo build` for the component and returns the `.wasm` cargo produced.
-pub fn cargo_build(shell: &Shell, cargo_toml: &Path) -> Result<PathBuf> {
+/// The rustflags that link a guest with a `stack`-byte shadow stack, after any the user
+/// set for the target in the environment.
+pub fn stack_rustflags(stack: u64) -> String {
+    let mut flags = std::env::var(TARGET_RUSTFLAGS).unwrap_or_default();
+    if !flags.is_empty() {
+        flags.push(' ');
+    }
+    flags.push_str(&format!("-C link-arg=-zstack-size={stack}"));
+    flags
+}
+
+/// Cargo's per-target rustflags variable for [`TARGET`].
+const TARGET_RUSTFLAGS: &str = "CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS";
+
+/// Runs `cargo build` for the component, its guest stack `stack` bytes, and returns the
+/// `.wasm` cargo produced.
+pub fn cargo_build(shell: &Shell, cargo_toml: &Path, stack: u64) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--release", "--target", TARGET, "--lib"])
@@ -92,6 +107,9 @@ pub fn cargo_build(shell: &Shell, cargo_toml: &Path) -> Result<PathBuf> {
         });
     // A host build's flags would break a wasm build.
     cmd.env_remove("RUSTFLAGS").env_remove("CARGO_BUILD_TARGET");
+    // Rust links wasm guests with a 1 MiB stack at the start of linear memory; a smaller one
+    // keeps a fresh instance's memory small (`stack` in the manifest).
+    cmd.env(TARGET_RUSTFLAGS, stack_rustflags(stack));
     let mut child = cmd.spawn().context("running cargo (is Rust installed?)")?;
     let stdout = child.stdout.take().context("cargo's stdout")?;
     let mut wasm = None;
@@ -137,7 +155,7 @@ pub fn build(
         "Building",
         format!("{} v{} ({TARGET})", manifest.name, manifest.version),
     );
-    let wasm = cargo_build(shell, &cargo_toml)?;
+    let wasm = cargo_build(shell, &cargo_toml, manifest.stack_bytes())?;
     let bytes = std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
     let bytes = crate::compose::compose(shell, dir, bytes, &manifest)?;
     let (imports, _) = perch_artifact::interface_names(&bytes)

@@ -31,7 +31,11 @@ fn plug_bytes(shell: &Shell, crate_dir: &Path, path: &str) -> Result<Vec<u8>> {
             ))
         })?;
         shell.status("Building", format!("{path} (to compose)"));
-        builder::cargo_build(shell, &cargo_toml)?
+        builder::cargo_build(
+            shell,
+            &cargo_toml,
+            perch_core::manifest::DEFAULT_STACK.bytes(),
+        )?
     };
     std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))
 }

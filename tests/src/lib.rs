@@ -467,3 +467,15 @@ pub fn run_capture(cmd: &mut Command) -> Result<(ExitStatus, String)> {
     }
     Ok((child.wait()?, out))
 }
+
+#[cfg(test)]
+mod tests {
+    /// The guests the tests run are linked as `perch build` links them.
+    #[test]
+    fn guests_are_linked_with_the_default_stack_of_perch_build() {
+        assert_eq!(
+            env!("PERCH_GUEST_STACK").parse::<u64>().ok(),
+            Some(perch_core::manifest::DEFAULT_STACK.bytes())
+        );
+    }
+}

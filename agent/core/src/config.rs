@@ -30,6 +30,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_INSTANCES: u32 = 8;
 /// Default number of instance slots in the pooling allocator.
 pub const DEFAULT_POOL_INSTANCES: u32 = 100;
+/// Start of each pool slot reset in place when an instance ends (`runtime.keep-resident`).
+pub const DEFAULT_KEEP_RESIDENT: ByteSize = ByteSize::mib(1);
 /// Default epoch tick: the granularity of invocation timeouts.
 pub const DEFAULT_EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Default cap of the crash-loop backoff.
@@ -62,11 +64,10 @@ pub struct RuntimeConfig {
     /// Instance slots reserved by the pooling allocator (across all components).
     pub pool_instances: u32,
     /// Bytes at the start of each linear memory and table slot the pooling allocator resets
-    /// in place (memset and image copy) instead of decommitting them when an instance ends.
-    /// 0 (the default) decommits everything, which keeps an idle agent small; a few hundred
-    /// KiB to 1 MiB saves a `madvise` (a TLB shootdown on every core) and the page faults of
-    /// the next instance, for components invoked thousands of times a second with a fresh
-    /// instance each, at the cost of that much resident memory per slot in use.
+    /// in place (memset and image copy) instead of decommitting them when an instance ends
+    /// (default 1 MiB; 0, `off` in the file, decommits everything). Resetting in place
+    /// saves a `madvise` (a TLB shootdown on every core) and the next instance's page faults,
+    /// at the cost of keeping up to that much of each slot in use resident.
     pub keep_resident: ByteSize,
     /// Granularity of timeouts.
     pub epoch_tick: Duration,
@@ -259,7 +260,7 @@ impl Default for AgentConfig {
             runtime: RuntimeConfig {
                 allocator: Allocator::Auto,
                 pool_instances: DEFAULT_POOL_INSTANCES,
-                keep_resident: ByteSize(0),
+                keep_resident: DEFAULT_KEEP_RESIDENT,
                 epoch_tick: DEFAULT_EPOCH_TICK,
                 backoff_base: DEFAULT_BACKOFF_BASE,
                 backoff_max: DEFAULT_BACKOFF_MAX,
@@ -435,8 +436,13 @@ impl AgentConfig {
                     cfg.runtime.pool_instances = n;
                 }
             }
-            if let Some(b) = rt.take::<ByteSize>("keep-resident") {
-                cfg.runtime.keep_resident = b;
+            match rt.take::<String>("keep-resident").as_deref() {
+                None => {}
+                Some("off") => cfg.runtime.keep_resident = ByteSize(0),
+                Some(text) => match text.parse::<ByteSize>() {
+                    Ok(b) => cfg.runtime.keep_resident = b,
+                    Err(e) => rt.problem("keep-resident", format!("{e}, or `off`")),
+                },
             }
             if let Some(t) = rt.take::<HumanDuration>("epoch-tick") {
                 cfg.runtime.epoch_tick = t.0;

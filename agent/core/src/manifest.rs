@@ -28,7 +28,9 @@ const TRIGGER_KINDS: &[&str] = &["every", "http", "message", "startup", "gpio"];
 const GRANT_KINDS: &[&str] = &["gpio", "sensors", "telemetry", "http"];
 const GPIO_MODES: &[&str] = &["read", "write"];
 const LIMIT_KEYS: &[&str] = &["memory", "timeout", "instances", "calls-per-instance"];
-const MANIFEST_KEYS: &[&str] = &["name", "triggers", "grants", "config", "limits", "compose"];
+const MANIFEST_KEYS: &[&str] = &[
+    "name", "triggers", "grants", "config", "limits", "compose", "stack",
+];
 
 /// A component's manifest: its name on the device, triggers, grants, config defaults and
 /// limits. This is also the JSON form embedded in the component.
@@ -56,6 +58,25 @@ pub struct Manifest {
     /// this component's import.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub compose: BTreeMap<String, String>,
+    /// Size of the guest's own stack (the shadow stack at the start of its linear memory),
+    /// set when `perch build` links it; build time only, not embedded.
+    #[serde(skip)]
+    pub stack: Option<ByteSize>,
+}
+
+/// The guest stack `perch build` links a component with unless its manifest says `stack`.
+/// Rust's own default is 1 MiB; every fresh instance pays for the pages it resets, and a
+/// handler rarely needs more than a few KiB (see docs/performance.md).
+pub const DEFAULT_STACK: ByteSize = ByteSize::kib(128);
+/// Smallest and largest `stack`.
+pub const MIN_STACK: ByteSize = ByteSize::kib(16);
+pub const MAX_STACK: ByteSize = ByteSize::mib(8);
+
+impl Manifest {
+    /// The guest stack to link with: the manifest's `stack` or [`DEFAULT_STACK`].
+    pub fn stack_bytes(&self) -> u64 {
+        self.stack.unwrap_or(DEFAULT_STACK).bytes()
+    }
 }
 
 /// Every problem found in a manifest.
@@ -156,6 +177,7 @@ impl Manifest {
             config: BTreeMap::new(),
             limits: Limits::default(),
             compose: BTreeMap::new(),
+            stack: None,
         };
         let mut root = Walker::new(prefix, table, &mut problems);
         if let Some(name) = root.take::<String>("name") {
@@ -206,6 +228,23 @@ impl Manifest {
         }
         if let Some(compose) = root.section("compose") {
             manifest.compose = parse_compose(compose);
+        }
+        match root.table.remove("stack") {
+            None => {}
+            Some(toml::Value::String(s)) => match s.parse::<ByteSize>() {
+                Ok(b) if (MIN_STACK.bytes()..=MAX_STACK.bytes()).contains(&b.bytes()) && b.bytes() % 16 == 0 => {
+                    manifest.stack = Some(b);
+                }
+                Ok(_) => root.problem(
+                    "stack",
+                    format!("`{s}` is out of range: use {MIN_STACK} to {MAX_STACK}, a multiple of 16 bytes"),
+                ),
+                Err(e) => root.problem("stack", e.to_string()),
+            },
+            Some(other) => root.problem(
+                "stack",
+                format!("`{other}` has no unit: write a size such as `\"256KiB\"`"),
+            ),
         }
         root.finish(MANIFEST_KEYS);
         if problems.is_empty() {
@@ -801,6 +840,26 @@ limits = { memory = 16, timeout = "200" }"#
                 "package.metadata.perch.limits.timeout: `200` is not a duration: write a number and a unit (ms, s, m, h, d), e.g. `200ms` or `5s`",
             ]
         );
+    }
+
+    #[test]
+    fn the_guest_stack_is_read_and_bounded() -> Result<(), ManifestError> {
+        let m = Manifest::from_cargo_toml(&cargo("triggers = [{ startup = true }]"), "Cargo.toml")?;
+        assert_eq!(m.stack_bytes(), DEFAULT_STACK.bytes());
+        let m = Manifest::from_cargo_toml(
+            &cargo("triggers = [{ startup = true }]\nstack = \"1MiB\""),
+            "Cargo.toml",
+        )?;
+        assert_eq!(m.stack_bytes(), 1 << 20);
+        // Build time only: not in the embedded manifest.
+        assert!(!String::from_utf8_lossy(&m.to_section()).contains("stack"));
+        assert_eq!(
+            problems("triggers = [{ startup = true }]\nstack = \"1KiB\""),
+            [
+                "package.metadata.perch.stack: `1KiB` is out of range: use 16KiB to 8MiB, a multiple of 16 bytes"
+            ]
+        );
+        Ok(())
     }
 
     #[test]

@@ -1171,8 +1171,8 @@ async fn pipeline_agent(
 }
 
 /// A message from the fleet handed to a component whose answer goes back to the fleet:
-/// the relay fixture with a fresh instance per message (with `runtime.keep-resident` off
-/// and at 1 MiB, each in its own agent) and with instance reuse, against a native handler
+/// the relay fixture with a fresh instance per message (with `runtime.keep-resident` at its
+/// default and off, each in its own agent) and with instance reuse, against a native handler
 /// (a tokio task on the same bus doing what the component does) in the same agent, link
 /// and NATS server.
 fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
@@ -1182,8 +1182,8 @@ fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
     let rt = bench_tokio()?;
     let relay = std::fs::read(examples::RELAY)?;
     let mut results = Vec::new();
-    // `keep-resident` off (the default) and at 1 MiB.
-    for keep_resident in [None, Some("1MiB")] {
+    // `keep-resident` at its default (1 MiB) and off.
+    for keep_resident in [None, Some("off")] {
         let runtime = keep_resident.map_or(String::new(), |k| {
             format!("[runtime]\nkeep-resident = \"{k}\"\n")
         });
