@@ -415,6 +415,15 @@ impl Mqtt {
 
     /// Ends the session because of `reason`: the connection closes without DISCONNECT, so
     /// the broker publishes the last will; the next `connect` opens a fresh one.
+    /// [`Self::connected`], mutably (to take the session's feeds).
+    fn connected_mut(&mut self) -> Result<&mut Session, SyncError> {
+        self.connected()?;
+        let url = &self.url;
+        self.session
+            .as_mut()
+            .ok_or_else(|| SyncError::NotConnected { url: url.clone() })
+    }
+
     fn end_session(&mut self, reason: &str) {
         if self.session.take().is_some() {
             tracing::warn!(url = %self.url, %reason, "mqtt connection given up");
@@ -568,33 +577,19 @@ impl Transport for Mqtt {
     }
 
     fn commands(&mut self) -> BoxFuture<'_, Result<BoxStream<'static, crate::Request>, SyncError>> {
-        Box::pin(async move {
-            self.connected()?;
-            let session = self
-                .session
-                .as_mut()
-                .ok_or_else(|| SyncError::NotConnected {
-                    url: self.url.clone(),
-                })?;
-            take_feed(&mut session.commands, "commands")
-        })
+        Box::pin(async move { take_feed(&mut self.connected_mut()?.commands, "commands") })
     }
 
     fn messages(&mut self) -> BoxFuture<'_, Result<crate::Messages, SyncError>> {
         Box::pin(async move {
-            self.connected()?;
-            let session = self
-                .session
-                .as_mut()
-                .ok_or_else(|| SyncError::NotConnected {
-                    url: self.url.clone(),
-                })?;
+            let device = self.device.clone();
+            let session = self.connected_mut()?;
             let incoming = take_feed(&mut session.messages, "local-bus messages")?;
             Ok(crate::Messages {
                 incoming,
                 outgoing: Arc::new(BusOutgoing {
                     client: session.client.clone(),
-                    device: self.device.clone(),
+                    device,
                 }),
             })
         })
