@@ -181,7 +181,10 @@ fn leaf_node_backlog_reaches_the_hub_after_an_outage_and_a_kill9() -> TestResult
 /// keeps one copy of each record.
 #[test]
 fn direct_link_resends_after_a_broker_restart_without_duplicates() -> TestResult {
-    const TOTAL: u64 = 3_000;
+    // 12 s of publishing at 500 records a second: the component is still publishing when
+    // the agent notices the broker is gone, which may take a heartbeat plus the client's
+    // 5 s timeout after the kill.
+    const TOTAL: u64 = 6_000;
     let dir = tempfile::tempdir()?;
     let mut hub = NatsServer::standalone(&dir.path().join("nats"), "hub")?;
     hub_stream(&JsApi::connect(&hub.url(), None)?, None)?;
