@@ -38,6 +38,21 @@ const NO_MESSAGE: u64 = 10037;
 /// JetStream's error code for "stream not found".
 const NO_STREAM: u64 = 10059;
 
+/// Subscribes to `subject`; a failure is a set-up error saying `what` was being done.
+async fn subscribe(
+    client: &async_nats::Client,
+    subject: String,
+    what: impl FnOnce() -> String,
+) -> Result<async_nats::Subscriber, SyncError> {
+    client
+        .subscribe(subject)
+        .await
+        .map_err(|e| SyncError::Setup {
+            what: what(),
+            reason: e.to_string(),
+        })
+}
+
 /// Local-bus messages to the fleet: core NATS publishes on `perch.v1.<device>.out.…`.
 struct Outgoing {
     client: async_nats::Client,
@@ -655,13 +670,10 @@ impl Transport for Nats {
         Box::pin(async move {
             let client = self.connected()?;
             let subject = subjects::commands(&self.device);
-            let sub = client
-                .subscribe(subject.clone())
-                .await
-                .map_err(|e| SyncError::Setup {
-                    what: format!("subscribing to {subject}"),
-                    reason: e.to_string(),
-                })?;
+            let sub = subscribe(client, subject.clone(), || {
+                format!("subscribing to {subject}")
+            })
+            .await?;
             use futures::StreamExt;
             Ok(sub
                 .filter_map(|m| async move {
@@ -693,13 +705,10 @@ impl Transport for Nats {
             let client = self.connected()?.clone();
             let prefix = subjects::inbound_prefix(&self.device);
             let filter = format!("{prefix}>");
-            let sub = client
-                .subscribe(filter.clone())
-                .await
-                .map_err(|e| SyncError::Setup {
-                    what: format!("subscribing to {filter}"),
-                    reason: e.to_string(),
-                })?;
+            let sub = subscribe(&client, filter.clone(), || {
+                format!("subscribing to {filter}")
+            })
+            .await?;
             // The server knows the subscription before the link is called up.
             client.flush().await.map_err(|e| SyncError::Setup {
                 what: format!("subscribing to {filter}"),
@@ -761,13 +770,10 @@ impl Transport for Nats {
     ) -> BoxFuture<'_, Result<futures::stream::BoxStream<'static, Vec<u8>>, SyncError>> {
         Box::pin(async move {
             let client = self.connected()?;
-            let sub = client
-                .subscribe(subjects::desired_kv(&self.device))
-                .await
-                .map_err(|e| SyncError::Setup {
-                    what: "subscribing to desired-state updates".into(),
-                    reason: e.to_string(),
-                })?;
+            let sub = subscribe(client, subjects::desired_kv(&self.device), || {
+                "subscribing to desired-state updates".into()
+            })
+            .await?;
             use futures::StreamExt;
             Ok(sub
                 .filter_map(|m| async move {
