@@ -26,6 +26,12 @@ use crate::supervisor::ComponentLog;
 wasmtime::component::bindgen!({
     path: "../../wit",
     world: "perch:device/imports",
+    // A telemetry publish waits for its record's commit (a shared `fdatasync`): as an async
+    // import the component's call yields meanwhile instead of holding a runtime worker, so
+    // publishes from many components and instances share one commit.
+    imports: {
+        "perch:device/telemetry.publish": async,
+    },
     with: {
         "wasi:keyvalue/store.bucket": Bucket,
     },
@@ -419,7 +425,7 @@ impl perch::device::sensors::Host for Host {
 }
 
 impl perch::device::telemetry::Host for Host {
-    fn publish(&mut self, stream: String, payload: Vec<u8>) -> Result<u64, GuestError> {
+    async fn publish(&mut self, stream: String, payload: Vec<u8>) -> Result<u64, GuestError> {
         if !self.ctx.grants.telemetry.contains(&stream) {
             return Err(self
                 .ctx
@@ -439,7 +445,7 @@ impl perch::device::telemetry::Host for Host {
                 .map_or(0, |d| d.as_millis() as u64),
             payload,
         };
-        self.ctx.store.outbox_append(&record).map_err(io_error)
+        self.ctx.store.outbox_submit(&record).await.map_err(io_error)
     }
 }
 

@@ -6,7 +6,8 @@
 //! `PERCH_BENCH_SECS` seconds (default 3) after a short warm-up, on a fresh store under
 //! `PERCH_BENCH_DIR` (default: the system temp dir; put it on the disk you care about,
 //! a tmpfs makes `fdatasync` free). `PERCH_BENCH_APPENDERS` lists the concurrency levels
-//! (default `1,8,64`). Records carry a 100-byte payload (130 bytes encoded).
+//! (default `1,8,64`) for threads calling `outbox_append`, `PERCH_BENCH_TASKS` (default
+//! `64,1024`) for tokio tasks awaiting `outbox_submit` on two worker threads. Records carry a 100-byte payload (130 bytes encoded).
 //!
 //! Appenders are closed loops: each appends its next record as soon as the previous one is
 //! acknowledged, so a commit can carry at most as many records as there are appenders.
@@ -155,6 +156,64 @@ fn grouped(dir: &Path, appenders: usize, secs: Duration) -> BenchResult<Run> {
     })
 }
 
+/// `tasks` tokio tasks on a 2-worker runtime (the agent's shape on a 2-core box), each
+/// awaiting `outbox_submit` in a loop for `secs`: how components' telemetry publishes reach
+/// the outbox in the agent.
+fn grouped_tasks(dir: &Path, tasks: usize, secs: Duration) -> BenchResult<Run> {
+    let store = Arc::new(SledStore::open(dir, &SledOptions::default())?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()?;
+    let start_line = Arc::new(tokio::sync::Barrier::new(tasks + 1));
+    let (latencies, elapsed, commits) = runtime.block_on(async {
+        let handles: Vec<_> = (0..tasks)
+            .map(|task| {
+                let store = Arc::clone(&store);
+                let start_line = Arc::clone(&start_line);
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    let warm = Instant::now();
+                    while warm.elapsed() < WARM_UP {
+                        n += 1;
+                        store.outbox_submit(&record(task, n)).await?;
+                    }
+                    start_line.wait().await;
+                    let start = Instant::now();
+                    let mut latencies = Vec::new();
+                    while start.elapsed() < secs {
+                        n += 1;
+                        let r = record(task, n);
+                        let t = Instant::now();
+                        store.outbox_submit(&r).await?;
+                        latencies.push(t.elapsed());
+                    }
+                    Ok::<_, perch_store::StoreError>(latencies)
+                })
+            })
+            .collect();
+        start_line.wait().await;
+        let before = store.outbox_stats()?.commits;
+        let start = Instant::now();
+        let mut latencies = Vec::new();
+        for handle in handles {
+            latencies.extend(handle.await??);
+        }
+        let elapsed = start.elapsed();
+        let commits = store.outbox_stats()?.commits - before;
+        Ok::<_, Box<dyn std::error::Error>>((latencies, elapsed, commits))
+    })?;
+    let mut latencies = latencies;
+    latencies.sort_unstable();
+    Ok(Run {
+        name: format!("group commit: outbox_submit, {tasks} async tasks"),
+        records: latencies.len() as u64,
+        elapsed,
+        latencies,
+        commits: Some(commits),
+    })
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
@@ -186,9 +245,19 @@ fn main() -> BenchResult<()> {
             .collect::<Result<_, _>>()?,
         Err(_) => vec![1, 8, 64],
     };
+    let tasks: Vec<usize> = match std::env::var("PERCH_BENCH_TASKS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| n.trim().parse())
+            .collect::<Result<_, _>>()?,
+        Err(_) => vec![64, 1024],
+    };
     let mut runs = vec![baseline(tempdir()?.path(), secs)?];
     for appenders in levels {
         runs.push(grouped(tempdir()?.path(), appenders, secs)?);
+    }
+    for n in tasks {
+        runs.push(grouped_tasks(tempdir()?.path(), n, secs)?);
     }
 
     let base = runs[0].rate();

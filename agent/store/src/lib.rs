@@ -8,13 +8,16 @@
 //! The agent talks to it through the object-safe [`Store`] trait, so sled stays an
 //! implementation detail ([`SledStore`]). It must not depend on wasmtime or on a tokio
 //! runtime: calls are blocking and plain bytes go in and out; the runtime decides what an
-//! artifact means. The one async-facing piece is [`Store::outbox_watch`], a
-//! `tokio::sync::watch` channel (tokio's runtime-free `sync` module) so a drainer task wakes
-//! when telemetry becomes durable.
+//! artifact means. Two pieces face async code without needing a runtime:
+//! [`Store::outbox_watch`], a `tokio::sync::watch` channel (tokio's runtime-free `sync`
+//! module) so a drainer task wakes when telemetry becomes durable, and the
+//! [`OutboxReceipt`] of [`Store::outbox_submit`], a future a component's publish awaits
+//! (a thread can block on it instead).
 //!
 //! The telemetry outbox is a durable queue: appenders that arrive together share one commit
-//! (one sled flush and one `fdatasync`), sequence numbers never repeat over the life of the
-//! store, and [`SledOptions`] bounds its size and age; see [`SledStore`].
+//! (one sled flush and one `fdatasync`, done by the outbox's own two threads), sequence
+//! numbers never repeat over the life of the store, and [`SledOptions`] bounds its size and
+//! age; see [`SledStore`].
 //!
 //! sled 0.34's `flush()` does not fsync (it issues `sync_file_range`), so [`Store::sync`] and
 //! [`Store::commit_desired`] follow it with `fdatasync` of sled's files; see
@@ -26,11 +29,13 @@ mod durable;
 mod error;
 mod frame;
 mod objects;
+mod receipt;
 mod sled_store;
 
 use perch_core::Digest;
 
 pub use error::StoreError;
+pub use receipt::OutboxReceipt;
 pub use sled_store::{
     DEFAULT_CACHE_CAPACITY, DEFAULT_FLUSH_EVERY_MS, DEFAULT_OUTBOX_MAX_AGE,
     DEFAULT_OUTBOX_MAX_BYTES, FORMAT, SledOptions, SledStore,
@@ -121,7 +126,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// when this returns: the record survives a power cut. Appenders calling at the same
     /// time share one commit. An error means the record was not acknowledged (when the disk
     /// failed, it is taken out of the outbox again); its sequence number is not reused.
-    fn outbox_append(&self, record: &OutboxRecord) -> Result<u64, StoreError>;
+    fn outbox_append(&self, record: &OutboxRecord) -> Result<u64, StoreError> {
+        self.outbox_submit(record).wait()
+    }
+
+    /// [`Store::outbox_append`] without blocking: queues the record for the next commit and
+    /// returns a receipt that resolves to its sequence number once it is durable (await it,
+    /// or [`OutboxReceipt::wait`]). A record refused outright (too large, the store closing)
+    /// gets a receipt that resolves to the error at once. Records are committed in the order
+    /// they were submitted.
+    fn outbox_submit(&self, record: &OutboxRecord) -> OutboxReceipt;
 
     /// Up to `limit` durable records with a sequence number above `after`, oldest first.
     fn outbox_read(&self, after: u64, limit: usize)

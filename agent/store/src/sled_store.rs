@@ -17,6 +17,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use perch_core::Digest;
@@ -28,7 +29,9 @@ use crate::durable::{BlobFiles, sync_dir, sync_file};
 use crate::error::{io_err, sled_err, tx_err};
 use crate::frame;
 use crate::objects::{self, Header, ReadError};
-use crate::{Journal, JournalEntry, OutboxRecord, OutboxStats, Store, StoreError};
+use crate::{
+    Journal, JournalEntry, OutboxReceipt, OutboxRecord, OutboxStats, Store, StoreError,
+};
 
 mod outbox;
 
@@ -135,8 +138,9 @@ impl Default for SledOptions {
 /// `fdatasync`s the blob files not synced before, the `blobs` directory when its entries
 /// changed, and `db`; opening also syncs `conf` and the store directory.
 ///
-/// The telemetry outbox is a durable queue with group commit: concurrent
-/// [`Store::outbox_append`] calls share one sled flush and `fdatasync`, sequence numbers
+/// The telemetry outbox is a durable queue with group commit: records submitted together
+/// ([`Store::outbox_submit`], [`Store::outbox_append`]) share one sled flush and `fdatasync`
+/// on the outbox's writer and syncer threads, sequence numbers
 /// come from a persisted high-water mark, and [`SledOptions`] bounds its size and age (see
 /// there for what is dropped).
 pub struct SledStore {
@@ -148,7 +152,43 @@ pub struct SledStore {
     chunks: Tree,
     journal: Tree,
     outbox: Outbox,
-    blob_files: BlobFiles,
+    disk: Disk,
+}
+
+/// What making the store's writes durable needs, shared with the outbox's commit threads.
+#[derive(Clone)]
+pub(super) struct Disk {
+    path: Arc<Path>,
+    db: sled::Db,
+    blob_files: Arc<BlobFiles>,
+}
+
+impl Disk {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `op`, turning a sled panic into [`StoreError::Unrecoverable`]. sled 0.34 panics
+    /// on some damaged logs instead of returning an error (seen here: "cannot find pid 13 in
+    /// view_for_key" reading a tree after bytes in a live segment were flipped); an error
+    /// lets the agent report it and decide. Does nothing under `panic = "abort"`.
+    fn guarded<T>(
+        &self,
+        action: impl FnOnce() -> String,
+        op: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        guard(&self.path, action, op)
+    }
+
+    /// sled's `flush()` and then `fdatasync` of what it wrote: blob files first (the log in
+    /// `db` points at them), then `db`.
+    fn flush_and_sync(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(sled_err(|| format!("flushing `{}`", self.path.display())))?;
+        self.blob_files.sync(&self.path.join(SLED_BLOB_DIR))?;
+        sync_file(&self.path.join(SLED_DB_FILE))
+    }
 }
 
 impl fmt::Debug for SledStore {
@@ -227,10 +267,15 @@ impl SledStore {
         };
         let meta = open_tree(META)?;
         let outbox_tree = open_tree(OUTBOX)?;
+        let disk = Disk {
+            path: Arc::from(path.as_path()),
+            db: db.clone(),
+            blob_files: Arc::default(),
+        };
         let outbox = guard(
             &path,
             || "loading the outbox".into(),
-            || Outbox::open(outbox_tree, meta.clone(), options, &path),
+            || Outbox::open(outbox_tree, meta.clone(), disk.clone(), options),
         )?;
         let store = Self {
             blobs: open_tree(BLOBS)?,
@@ -238,7 +283,7 @@ impl SledStore {
             artifacts: open_tree(ARTIFACTS)?,
             journal: open_tree(JOURNAL)?,
             outbox,
-            blob_files: BlobFiles::default(),
+            disk,
             options: options.clone(),
             path,
             db,
@@ -413,26 +458,18 @@ impl SledStore {
         Ok(false)
     }
 
-    /// Runs `op`, turning a sled panic into [`StoreError::Unrecoverable`]. sled 0.34 panics
-    /// on some damaged logs instead of returning an error (seen here: "cannot find pid 13 in
-    /// view_for_key" reading a tree after bytes in a live segment were flipped); an error
-    /// lets the agent report it and decide. Does nothing under `panic = "abort"`.
+    /// [`Disk::guarded`].
     fn guarded<T>(
         &self,
         action: impl FnOnce() -> String,
         op: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        guard(&self.path, action, op)
+        self.disk.guarded(action, op)
     }
 
-    /// sled's `flush()` and then `fdatasync` of what it wrote: blob files first (the log in
-    /// `db` points at them), then `db`.
+    /// [`Disk::flush_and_sync`].
     fn flush_and_sync(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map_err(sled_err(|| format!("flushing `{}`", self.path.display())))?;
-        self.blob_files.sync(&self.path.join(SLED_BLOB_DIR))?;
-        sync_file(&self.path.join(SLED_DB_FILE))
+        self.disk.flush_and_sync()
     }
 
     /// Reads what the agent needs first (journal, blob index) so a damaged database is
@@ -1012,10 +1049,10 @@ impl Store for SledStore {
         )
     }
 
-    #[instrument(name = "store.outbox_append", level = "debug", skip_all, fields(stream = %record.stream), err)]
-    fn outbox_append(&self, record: &OutboxRecord) -> Result<u64, StoreError> {
-        // Commits run under `guarded` inside; nothing else here touches sled.
-        self.outbox.append(self, record)
+    #[instrument(name = "store.outbox_submit", level = "debug", skip_all, fields(stream = %record.stream))]
+    fn outbox_submit(&self, record: &OutboxRecord) -> OutboxReceipt {
+        // Commits run under `guarded` on the outbox's threads; nothing here touches sled.
+        self.outbox.submit(record)
     }
 
     fn outbox_read(
@@ -1352,7 +1389,7 @@ mod tests {
             .count();
         assert!(files >= 1, "a 600 KiB value should be in a sled blob file");
         // commit_desired synced them; a second sync has nothing new to sync.
-        assert_eq!(store.blob_files.sync(&dir.path().join(SLED_BLOB_DIR))?, 0);
+        assert_eq!(store.disk.blob_files.sync(&dir.path().join(SLED_BLOB_DIR))?, 0);
         Ok(())
     }
 
@@ -1405,7 +1442,7 @@ mod tests {
         let files = std::fs::read_dir(dir.path().join(SLED_BLOB_DIR))?.count();
         assert!(files >= 1, "outbox leaf pages should be in sled blob files");
         // Every append synced them; nothing is left to sync.
-        assert_eq!(store.blob_files.sync(&dir.path().join(SLED_BLOB_DIR))?, 0);
+        assert_eq!(store.disk.blob_files.sync(&dir.path().join(SLED_BLOB_DIR))?, 0);
         drop(store);
         let store = SledStore::open(dir.path(), &options)?;
         assert_eq!(store.outbox_read(0, 100)?.len(), 60);

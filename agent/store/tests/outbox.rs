@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::{Arc, Barrier, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use perch_store::{OutboxRecord, OutboxStats, SledOptions, SledStore, Store, StoreError};
+use perch_store::{
+    OutboxReceipt, OutboxRecord, OutboxStats, SledOptions, SledStore, Store, StoreError,
+};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -487,5 +489,98 @@ fn a_failed_sync_fails_every_appender_of_the_batch_and_keeps_nothing() -> TestRe
         .map(|(s, _)| s)
         .collect();
     assert_eq!(seqs, vec![1, seq]);
+    Ok(())
+}
+
+#[test]
+fn submitted_records_commit_in_order_and_resolve_without_a_thread_each() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    // One thread with 2,000 records in flight: what async tasks awaiting their publishes
+    // look like to the outbox.
+    let receipts: Vec<_> = (0..2000)
+        .map(|n| store.outbox_submit(&record("submitted", n)))
+        .collect();
+    let seqs = receipts
+        .into_iter()
+        .map(OutboxReceipt::wait)
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(seqs, (1..=2000).collect::<Vec<_>>(), "in submission order");
+    let read = store.outbox_read(0, usize::MAX)?;
+    let expected: Vec<_> = (0..2000)
+        .map(|n| (n + 1, record("submitted", n)))
+        .collect();
+    assert_eq!(read, expected);
+
+    // A record refused outright resolves to its error at once and takes no sequence number.
+    let too_large = sized(0, 64 * 1024 * 1024 + 1, now_ms());
+    let err = store
+        .outbox_submit(&too_large)
+        .wait()
+        .expect_err("a record larger than the outbox is refused");
+    assert!(err.to_string().contains("outbox_max_bytes"), "{err}");
+    assert_eq!(store.outbox_append(&record("submitted", 2000))?, 2001);
+    Ok(())
+}
+
+#[test]
+fn closing_the_store_commits_every_record_already_submitted() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = open(dir.path())?;
+    let receipts: Vec<_> = (0..500)
+        .map(|n| store.outbox_submit(&record("closing", n)))
+        .collect();
+    drop(store);
+    for (n, receipt) in (1..).zip(receipts) {
+        assert_eq!(receipt.wait()?, n, "record {n} acknowledged after the close");
+    }
+    let store = open(dir.path())?;
+    assert_eq!(store.outbox_len()?, 500);
+    assert_eq!(
+        store.outbox_read(0, usize::MAX)?,
+        (0..500)
+            .map(|n| (n + 1, record("closing", n)))
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[test]
+fn async_tasks_awaiting_their_records_share_commits() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(open(dir.path())?);
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let before = store.outbox_stats()?.commits;
+    // 256 tasks on ONE thread, 8 records each: they can only share commits if awaiting a
+    // receipt lets the other tasks run.
+    let mut acked = runtime.block_on(async {
+        let tasks: Vec<_> = (0..256)
+            .map(|t| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for n in 0..8 {
+                        seqs.push(store.outbox_submit(&record(&format!("task-{t}"), n)).await?);
+                    }
+                    Ok::<_, StoreError>(seqs)
+                })
+            })
+            .collect();
+        let mut acked = Vec::new();
+        for task in tasks {
+            let seqs = task.await??;
+            assert!(seqs.is_sorted(), "one task's records in its order: {seqs:?}");
+            acked.extend(seqs);
+        }
+        Ok::<_, Box<dyn std::error::Error>>(acked)
+    })?;
+    acked.sort_unstable();
+    assert_eq!(acked, (1..=2048).collect::<Vec<_>>());
+    let commits = store.outbox_stats()?.commits - before;
+    println!("256 tasks x 8 records on one thread: {commits} commits");
+    assert!(
+        commits <= 2048 / 8,
+        "{commits} commits for 2048 records from 256 tasks"
+    );
     Ok(())
 }

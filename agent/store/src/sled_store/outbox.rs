@@ -3,22 +3,26 @@
 //! Every acknowledged record must survive a power cut, and making anything durable costs
 //! two trips to the disk (sled's flush waits for its write with `sync_file_range`, then
 //! `fdatasync` flushes the disk's cache): ~0.3-0.4 ms here, against ~3 µs to insert a
-//! 100-byte record. So appenders that arrive together share one commit, in two turns that
-//! overlap:
-//! - **write**: the appender whose turn it is takes every queued record (up to
-//!   [`MAX_BATCH_RECORDS`] or [`MAX_BATCH_BYTES`]), drops what the bounds require, assigns
-//!   consecutive sequence numbers and inserts the records and the sequence high-water mark,
-//!   then hands the write turn to the oldest appender that queued meanwhile;
-//! - **sync**: one appender at a time runs one sled flush and one `fdatasync` for everything
-//!   written so far, publishes the new durable sequence number, hands the sync turn to the
-//!   oldest record written meanwhile, and wakes every appender it covered.
+//! 100-byte record. So appenders that arrive together share one commit. An appender only
+//! encodes its record, queues it and gets an [`OutboxReceipt`]: a thread blocks on it, an
+//! async task (a component's telemetry publish) awaits it without holding a worker thread.
+//! Two threads of the outbox's own do the commits, in two stages that overlap:
+//! - **writer**: takes every queued record (up to [`MAX_BATCH_RECORDS`] or
+//!   [`MAX_BATCH_BYTES`]), drops what the bounds require, assigns consecutive sequence
+//!   numbers and inserts the records and the sequence high-water mark, then takes the next
+//!   batch;
+//! - **syncer**: runs one sled flush and one `fdatasync` for everything written so far,
+//!   publishes the new durable sequence number and resolves every receipt it covered.
 //!
 //! So the next batch is written while the previous one is being synced, and a sync covers
-//! every batch written before it started. There is no committer thread: an appender blocks
-//! until its record is durable anyway, so each turn is taken by an appender that is waiting,
-//! and a lone appender writes and syncs on its own thread without a hand-off. Measured
-//! (`benches/outbox.rs`): one commit at a time (write and sync in one turn) gave ~20% less
-//! at 8 and 64 appenders; two concurrent syncs gave less too (the disk serialises them).
+//! every batch written before it started. Measured (`benches/outbox.rs`): one commit at a
+//! time (write and sync in one turn) gave ~20% less at 8 and 64 appenders; two concurrent
+//! syncs gave less too (the disk serialises them). Appenders taking the write and sync
+//! turns themselves (no threads of the outbox's own) saved a hand-off for a lone thread but
+//! needed a thread per waiting appender: an async task cannot block on a turn.
+//!
+//! Closing the store stops both threads after they committed everything queued: a record
+//! whose receipt was handed out is never dropped unwritten.
 //!
 //! Readers ([`Outbox::read`], [`Outbox::ack`], the watch channel) stop at the durable
 //! sequence number, so nothing is sent before its appender could have been told it is
@@ -28,23 +32,25 @@
 //! bound costs nothing per commit.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::ops::Deref;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sled::Tree;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
-use super::{SledOptions, SledStore};
+use super::{Disk, SledOptions};
 use crate::error::sled_err;
+use crate::receipt::{Completion, OutboxReceipt};
 use crate::{OutboxRecord, OutboxStats, StoreError};
 
-/// At most this many records are written in one turn (a sync covers every turn written
+/// At most this many records are written in one batch (a sync covers every batch written
 /// before it started); also the most expired records one write drops.
 const MAX_BATCH_RECORDS: usize = 4096;
 
-/// At most this many encoded bytes are written in one turn (or `outbox_max_bytes` when that
+/// At most this many encoded bytes are written in one batch (or `outbox_max_bytes` when that
 /// is smaller, so that a batch always fits once older records are dropped); a single larger
 /// record is written on its own.
 const MAX_BATCH_BYTES: u64 = 2 * 1024 * 1024;
@@ -53,17 +59,32 @@ const MAX_BATCH_BYTES: u64 = 2 * 1024 * 1024;
 /// with never waits for a huge acknowledgement.
 const ACK_CHUNK: usize = 4096;
 
+/// Stack of each commit thread: they only call into sled and the file system.
+const COMMIT_THREAD_STACK: usize = 256 * 1024;
+
 /// `perch/meta` key: the last sequence number handed out (u64 BE).
 pub(super) const LAST_SEQ_KEY: &[u8] = b"outbox-last-seq";
 /// `perch/meta` key: records dropped by the bounds over the life of the store (u64 BE).
 const DROPPED_KEY: &[u8] = b"outbox-dropped";
 
+/// The outbox and its two commit threads, stopped (after committing what is queued) when
+/// it is dropped.
 pub(super) struct Outbox {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+pub(super) struct Shared {
     tree: Tree,
     meta: Tree,
+    disk: Disk,
     max_bytes: u64,
     max_age_ms: Option<u64>,
     queue: Mutex<Queue>,
+    /// The writer waits here for records to write (or for the outbox to close).
+    queued: Condvar,
+    /// The syncer waits here for records to sync (or for the writer to stop).
+    written: Condvar,
     /// Counters that must agree with the tree: held while the tree's records are added or
     /// removed (a commit's write, an acknowledgement), not while syncing.
     state: Mutex<State>,
@@ -76,58 +97,18 @@ struct Queue {
     pending: VecDeque<Pending>,
     /// Records written to sled and waiting for the sync that makes them durable, with
     /// their sequence numbers, in order.
-    unsynced: VecDeque<(u64, Arc<Waiter>)>,
-    /// Whether an appender is writing (or has been told to).
-    writing: bool,
-    /// Whether an appender is syncing (or has been told to).
-    syncing: bool,
+    unsynced: VecDeque<(u64, Arc<Completion>)>,
+    /// The store is closing: the writer stops once nothing is pending.
+    closing: bool,
+    /// The writer stopped: the syncer stops once nothing is unsynced.
+    writer_stopped: bool,
+    /// Both threads stopped: new records are refused.
+    stopped: bool,
 }
 
 struct Pending {
     encoded: Vec<u8>,
-    waiter: Arc<Waiter>,
-}
-
-/// Where one appender waits for a turn (write or sync) or for its result.
-#[derive(Default)]
-struct Waiter {
-    slot: Mutex<Slot>,
-    ready: Condvar,
-}
-
-#[derive(Default)]
-enum Slot {
-    #[default]
-    Waiting,
-    /// Write the oldest pending records.
-    Write,
-    /// Sync everything written.
-    Sync,
-    /// The record's sequence number, or why it was not committed.
-    Done(Result<u64, StoreError>),
-}
-
-impl Waiter {
-    fn set(&self, slot: Slot) {
-        *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = slot;
-        self.ready.notify_one();
-    }
-
-    /// Blocks until given a turn or a result.
-    fn wait(&self) -> Slot {
-        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            match std::mem::take(&mut *slot) {
-                Slot::Waiting => {
-                    slot = self
-                        .ready
-                        .wait(slot)
-                        .unwrap_or_else(PoisonError::into_inner);
-                }
-                turn => return turn,
-            }
-        }
-    }
+    done: Arc<Completion>,
 }
 
 struct State {
@@ -153,15 +134,36 @@ struct Drops {
     last: u64,
 }
 
+impl Deref for Outbox {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.queue().closing = true;
+        self.queued.notify_all();
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                error!("store.outbox_thread_panicked");
+            }
+        }
+    }
+}
+
 impl Outbox {
-    /// Loads the counters: one scan of the tree, plus the persisted high-water mark and drop
-    /// counter.
+    /// Loads the counters (one scan of the tree, plus the persisted high-water mark and drop
+    /// counter) and starts the commit threads.
     pub(super) fn open(
         tree: Tree,
         meta: Tree,
+        disk: Disk,
         options: &SledOptions,
-        path: &Path,
     ) -> Result<Self, StoreError> {
+        let path = disk.path().to_path_buf();
         let (mut len, mut bytes, mut last_key) = (0, 0, 0);
         for item in tree.iter() {
             let (key, value) = item.map_err(sled_err(|| "scanning the outbox".into()))?;
@@ -192,14 +194,17 @@ impl Outbox {
         let last_seq = counter(LAST_SEQ_KEY)?.max(last_key);
         let dropped = counter(DROPPED_KEY)?;
         debug!(len, bytes, last_seq, dropped, "store.outbox_open");
-        Ok(Self {
+        let shared = Arc::new(Shared {
             tree,
             meta,
+            disk,
             max_bytes: options.outbox_max_bytes,
             max_age_ms: options
                 .outbox_max_age
                 .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
             queue: Mutex::default(),
+            queued: Condvar::new(),
+            written: Condvar::new(),
             // `open` syncs before the store is used: whatever the tree holds is durable.
             state: Mutex::new(State {
                 len,
@@ -210,9 +215,62 @@ impl Outbox {
                 commits: 0,
             }),
             durable: watch::Sender::new(last_seq),
-        })
+        });
+        let mut outbox = Self {
+            shared,
+            threads: Vec::with_capacity(2),
+        };
+        for (name, run) in [
+            ("perch-outbox-w", Shared::run_writer as fn(&Shared)),
+            ("perch-outbox-s", Shared::run_syncer),
+        ] {
+            let shared = Arc::clone(&outbox.shared);
+            let thread = std::thread::Builder::new()
+                .name(name.into())
+                .stack_size(COMMIT_THREAD_STACK)
+                .spawn(move || {
+                    let _stopped = StopGuard(&shared);
+                    run(&shared);
+                })
+                .map_err(|source| StoreError::Io {
+                    action: "start the outbox commit thread for",
+                    path: path.clone(),
+                    source,
+                })?;
+            // Dropping `outbox` on an error here stops the thread started before.
+            outbox.threads.push(thread);
+        }
+        Ok(outbox)
     }
+}
 
+/// Marks the outbox stopped when a commit thread ends, however it ends, and fails every
+/// receipt left, so no appender waits forever (only a panic leaves any: a thread that stops
+/// normally committed everything first).
+struct StopGuard<'a>(&'a Shared);
+
+impl Drop for StopGuard<'_> {
+    fn drop(&mut self) {
+        let left: Vec<Arc<Completion>> = {
+            let mut queue = self.0.queue();
+            queue.stopped = true;
+            queue.writer_stopped = true;
+            let pending = std::mem::take(&mut queue.pending);
+            let unsynced = std::mem::take(&mut queue.unsynced);
+            pending
+                .into_iter()
+                .map(|p| p.done)
+                .chain(unsynced.into_iter().map(|(_, done)| done))
+                .collect()
+        };
+        self.0.written.notify_all();
+        for done in left {
+            done.complete(Err(self.0.stopped_error()));
+        }
+    }
+}
+
+impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -221,14 +279,23 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn append(
-        &self,
-        store: &SledStore,
-        record: &OutboxRecord,
-    ) -> Result<u64, StoreError> {
-        let encoded = record.encode()?;
+    fn stopped_error(&self) -> StoreError {
+        StoreError::Unrecoverable {
+            path: self.disk.path().to_path_buf(),
+            reason: "the outbox stopped committing (its store is closing or a commit thread \
+                     failed); the record was not acknowledged"
+                .into(),
+        }
+    }
+
+    /// Queues `record` for the next commit.
+    pub(super) fn submit(&self, record: &OutboxRecord) -> OutboxReceipt {
+        let encoded = match record.encode() {
+            Ok(encoded) => encoded,
+            Err(e) => return OutboxReceipt::refused(e),
+        };
         if encoded.len() as u64 > self.max_bytes {
-            return Err(StoreError::Invalid {
+            return OutboxReceipt::refused(StoreError::Invalid {
                 what: "outbox record",
                 value: format!(
                     "{}/{} ({} bytes)",
@@ -239,77 +306,65 @@ impl Outbox {
                 reason: "it is larger than the whole outbox may be (outbox_max_bytes)",
             });
         }
-        let waiter = Arc::new(Waiter::default());
-        let mut turn = {
+        let (receipt, done) = OutboxReceipt::pending();
+        {
             let mut queue = self.queue();
-            queue.pending.push_back(Pending {
-                encoded,
-                waiter: Arc::clone(&waiter),
-            });
-            if std::mem::replace(&mut queue.writing, true) {
-                Slot::Waiting
-            } else {
-                Slot::Write
+            if queue.stopped || queue.closing {
+                return OutboxReceipt::refused(self.stopped_error());
             }
-        };
-        loop {
-            turn = match turn {
-                Slot::Done(result) => return result,
-                Slot::Write => self.write(store),
-                Slot::Sync => {
-                    self.sync(store);
-                    Slot::Waiting
-                }
-                Slot::Waiting => waiter.wait(),
-            };
+            queue.pending.push_back(Pending { encoded, done });
         }
+        self.queued.notify_one();
+        receipt
     }
 
-    /// The writer's turn: writes the oldest queued records (the writer's own is the oldest)
-    /// to sled, hands the writer's turn on, and returns [`Slot::Sync`] when nobody is syncing
-    /// (the caller syncs next).
-    fn write(&self, store: &SledStore) -> Slot {
+    /// The writer thread: writes the oldest queued records to sled, batch after batch,
+    /// until the store closes and nothing is queued.
+    fn run_writer(&self) {
         let cap_bytes = MAX_BATCH_BYTES.min(self.max_bytes);
-        let mut batch: Vec<Pending> = {
-            let mut queue = self.queue();
-            let (mut n, mut bytes) = (0, 0);
-            for p in &queue.pending {
-                let len = p.encoded.len() as u64;
-                if n == MAX_BATCH_RECORDS || (n > 0 && bytes + len > cap_bytes) {
-                    break;
+        loop {
+            let mut batch: Vec<Pending> = {
+                let mut queue = self.queue();
+                while queue.pending.is_empty() && !queue.closing {
+                    queue = self
+                        .queued
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner);
                 }
-                n += 1;
-                bytes += len;
-            }
-            queue.pending.drain(..n).collect()
-        };
-        let n = batch.len();
-        let written = store.guarded(
-            || format!("writing {n} outbox records"),
-            || self.write_batch(&mut batch),
-        );
-        let mut queue = self.queue();
-        match queue.pending.front() {
-            Some(next) => next.waiter.set(Slot::Write),
-            None => queue.writing = false,
-        }
-        match written {
-            Ok(first) => {
-                queue
-                    .unsynced
-                    .extend((first..).zip(batch).map(|(seq, p)| (seq, p.waiter)));
-                if std::mem::replace(&mut queue.syncing, true) {
-                    Slot::Waiting
-                } else {
-                    Slot::Sync
+                if queue.pending.is_empty() {
+                    queue.writer_stopped = true;
+                    drop(queue);
+                    self.written.notify_one();
+                    return;
                 }
-            }
-            Err(e) => {
-                drop(queue);
-                for p in batch {
-                    p.waiter.set(Slot::Done(Err(e.duplicate())));
+                let (mut n, mut bytes) = (0, 0);
+                for p in &queue.pending {
+                    let len = p.encoded.len() as u64;
+                    if n == MAX_BATCH_RECORDS || (n > 0 && bytes + len > cap_bytes) {
+                        break;
+                    }
+                    n += 1;
+                    bytes += len;
                 }
-                Slot::Waiting
+                queue.pending.drain(..n).collect()
+            };
+            let n = batch.len();
+            let written = self.disk.guarded(
+                || format!("writing {n} outbox records"),
+                || self.write_batch(&mut batch),
+            );
+            match written {
+                Ok(first) => {
+                    self.queue()
+                        .unsynced
+                        .extend((first..).zip(batch).map(|(seq, p)| (seq, p.done)));
+                    self.written.notify_one();
+                }
+                Err(e) => {
+                    for p in batch {
+                        p.done.complete(Err(e.duplicate()));
+                    }
+                }
             }
         }
     }
@@ -380,56 +435,55 @@ impl Outbox {
         Ok(first)
     }
 
-    /// The syncer's turn: one sled flush and one `fdatasync` for everything written so far,
-    /// then the syncer's turn goes to the oldest record written meanwhile and every
-    /// appender covered gets its result. On error nothing covered is acknowledged and its
-    /// records are taken out of the tree again (their sequence numbers are not reused).
-    fn sync(&self, store: &SledStore) {
-        let (from, through) = {
-            let mut queue = self.queue();
-            match (queue.unsynced.front(), queue.unsynced.back()) {
-                (Some((from, _)), Some((through, _))) => (*from, *through),
-                _ => {
-                    queue.syncing = false;
-                    return;
+    /// The syncer thread: one sled flush and one `fdatasync` for everything written so far,
+    /// then every receipt covered resolves; again until the writer stopped and nothing is
+    /// left. On error nothing covered is acknowledged and its records are taken out of the
+    /// tree again (their sequence numbers are not reused).
+    fn run_syncer(&self) {
+        loop {
+            let (from, through) = {
+                let mut queue = self.queue();
+                while queue.unsynced.is_empty() && !queue.writer_stopped {
+                    queue = self
+                        .written
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner);
                 }
-            }
-        };
-        let synced = store.guarded(
-            || format!("syncing outbox records {from}..={through}"),
-            || store.flush_and_sync(),
-        );
-        match &synced {
-            Ok(()) => {
-                {
-                    let mut state = self.state();
-                    state.durable_seq = state.durable_seq.max(through);
-                    state.commits += 1;
+                match (queue.unsynced.front(), queue.unsynced.back()) {
+                    (Some((from, _)), Some((through, _))) => (*from, *through),
+                    _ => return,
                 }
-                self.durable.send_replace(through);
-                debug!(first_seq = from, last_seq = through, "store.outbox_commit");
-            }
-            Err(e) => {
-                error!(error = %e, first_seq = from, last_seq = through, "store.outbox_commit_failed");
-                self.roll_back(from, through);
-            }
-        }
-        let covered: Vec<(u64, Arc<Waiter>)> = {
-            let mut queue = self.queue();
-            let n = queue.unsynced.partition_point(|(seq, _)| *seq <= through);
-            let covered = queue.unsynced.drain(..n).collect();
-            match queue.unsynced.front() {
-                Some((_, next)) => next.set(Slot::Sync),
-                None => queue.syncing = false,
-            }
-            covered
-        };
-        for (seq, waiter) in covered {
-            let result = match &synced {
-                Ok(()) => Ok(seq),
-                Err(e) => Err(e.duplicate()),
             };
-            waiter.set(Slot::Done(result));
+            let synced = self.disk.guarded(
+                || format!("syncing outbox records {from}..={through}"),
+                || self.disk.flush_and_sync(),
+            );
+            match &synced {
+                Ok(()) => {
+                    {
+                        let mut state = self.state();
+                        state.durable_seq = state.durable_seq.max(through);
+                        state.commits += 1;
+                    }
+                    self.durable.send_replace(through);
+                    debug!(first_seq = from, last_seq = through, "store.outbox_commit");
+                }
+                Err(e) => {
+                    error!(error = %e, first_seq = from, last_seq = through, "store.outbox_commit_failed");
+                    self.roll_back(from, through);
+                }
+            }
+            let covered: Vec<(u64, Arc<Completion>)> = {
+                let mut queue = self.queue();
+                let n = queue.unsynced.partition_point(|(seq, _)| *seq <= through);
+                queue.unsynced.drain(..n).collect()
+            };
+            for (seq, done) in covered {
+                done.complete(match &synced {
+                    Ok(()) => Ok(seq),
+                    Err(e) => Err(e.duplicate()),
+                });
+            }
         }
     }
 
