@@ -445,7 +445,11 @@ impl perch::device::telemetry::Host for Host {
                 .map_or(0, |d| d.as_millis() as u64),
             payload,
         };
-        self.ctx.store.outbox_submit(&record).await.map_err(io_error)
+        self.ctx
+            .store
+            .outbox_submit(&record)
+            .await
+            .map_err(io_error)
     }
 }
 

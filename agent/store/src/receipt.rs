@@ -103,7 +103,10 @@ impl Completion {
                 Slot::Taken => return resolved_twice(),
                 waiting => {
                     *slot = waiting;
-                    slot = self.ready.wait(slot).unwrap_or_else(PoisonError::into_inner);
+                    slot = self
+                        .ready
+                        .wait(slot)
+                        .unwrap_or_else(PoisonError::into_inner);
                 }
             }
         }

@@ -29,10 +29,9 @@ use crate::durable::{BlobFiles, sync_dir, sync_file};
 use crate::error::{io_err, sled_err, tx_err};
 use crate::frame;
 use crate::objects::{self, Header, ReadError};
-use crate::{
-    Journal, JournalEntry, OutboxReceipt, OutboxRecord, OutboxStats, Store, StoreError,
-};
+use crate::{Journal, JournalEntry, OutboxReceipt, OutboxRecord, OutboxStats, Store, StoreError};
 
+mod chunk;
 mod outbox;
 
 use outbox::Outbox;
@@ -64,7 +63,11 @@ const CHUNKS: &str = "perch/chunks";
 const ARTIFACTS: &str = "perch/artifacts";
 const JOURNAL: &str = "perch/journal";
 const META: &str = "perch/meta";
-const OUTBOX: &str = "perch/outbox";
+/// The outbox as chunks of consecutive records (`sled_store/chunk.rs`).
+const OUTBOX: &str = "perch/outbox-chunks";
+/// The outbox as one record per key, as stores before chunks kept it; moved into
+/// [`OUTBOX`] when such a store is opened.
+const OUTBOX_LEGACY: &str = "perch/outbox";
 const KV_PREFIX: &str = "kv/";
 
 const CURRENT: &[u8] = b"current";
@@ -272,10 +275,19 @@ impl SledStore {
             db: db.clone(),
             blob_files: Arc::default(),
         };
+        let legacy = if db
+            .tree_names()
+            .iter()
+            .any(|n| n == OUTBOX_LEGACY.as_bytes())
+        {
+            Some(open_tree(OUTBOX_LEGACY)?)
+        } else {
+            None
+        };
         let outbox = guard(
             &path,
             || "loading the outbox".into(),
-            || Outbox::open(outbox_tree, meta.clone(), disk.clone(), options),
+            || Outbox::open(outbox_tree, legacy, meta.clone(), disk.clone(), options),
         )?;
         let store = Self {
             blobs: open_tree(BLOBS)?,
@@ -1389,7 +1401,13 @@ mod tests {
             .count();
         assert!(files >= 1, "a 600 KiB value should be in a sled blob file");
         // commit_desired synced them; a second sync has nothing new to sync.
-        assert_eq!(store.disk.blob_files.sync(&dir.path().join(SLED_BLOB_DIR))?, 0);
+        assert_eq!(
+            store
+                .disk
+                .blob_files
+                .sync(&dir.path().join(SLED_BLOB_DIR))?,
+            0
+        );
         Ok(())
     }
 
@@ -1442,7 +1460,13 @@ mod tests {
         let files = std::fs::read_dir(dir.path().join(SLED_BLOB_DIR))?.count();
         assert!(files >= 1, "outbox leaf pages should be in sled blob files");
         // Every append synced them; nothing is left to sync.
-        assert_eq!(store.disk.blob_files.sync(&dir.path().join(SLED_BLOB_DIR))?, 0);
+        assert_eq!(
+            store
+                .disk
+                .blob_files
+                .sync(&dir.path().join(SLED_BLOB_DIR))?,
+            0
+        );
         drop(store);
         let store = SledStore::open(dir.path(), &options)?;
         assert_eq!(store.outbox_read(0, 100)?.len(), 60);
@@ -1468,6 +1492,102 @@ mod tests {
         let store = SledStore::open(dir.path(), &options)?;
         assert_eq!(store.outbox_stats()?.last_seq, 3);
         assert_eq!(store.outbox_append(&outbox_record(4, 10))?, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn an_outbox_of_one_record_per_key_moves_into_chunks_on_open() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let options = SledOptions {
+            outbox_max_age: None,
+            ..SledOptions::default()
+        };
+        // Records 5, 6, 7 and 10 as a store before chunks kept them (a failed commit left
+        // the gap), written behind the store's back.
+        let seqs = [5u64, 6, 7, 10];
+        {
+            let store = SledStore::open(dir.path(), &options)?;
+            let legacy = store.db.open_tree(OUTBOX_LEGACY)?;
+            for n in seqs {
+                legacy.insert(n.to_be_bytes(), outbox_record(n, 100).encode()?)?;
+            }
+            store
+                .db
+                .open_tree(META)?
+                .insert(outbox::LAST_SEQ_KEY, &10u64.to_be_bytes()[..])?;
+            store.sync()?;
+        }
+        let expected: Vec<_> = seqs.iter().map(|&n| (n, outbox_record(n, 100))).collect();
+        {
+            let store = SledStore::open(dir.path(), &options)?;
+            assert!(
+                !store
+                    .db
+                    .tree_names()
+                    .iter()
+                    .any(|n| n == OUTBOX_LEGACY.as_bytes()),
+                "the old tree is gone"
+            );
+            assert_eq!(store.outbox_read(0, 100)?, expected);
+            let stats = store.outbox_stats()?;
+            assert_eq!(
+                (stats.len, stats.first_seq, stats.last_seq),
+                (4, Some(5), 10)
+            );
+            assert_eq!(store.outbox_append(&outbox_record(11, 100))?, 11);
+        }
+        let store = SledStore::open(dir.path(), &options)?;
+        let mut expected = expected;
+        expected.push((11, outbox_record(11, 100)));
+        assert_eq!(store.outbox_read(0, 100)?, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn an_acknowledgement_inside_a_chunk_holds_across_a_reopen() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let options = SledOptions {
+            outbox_max_age: None,
+            ..SledOptions::default()
+        };
+        {
+            let store = SledStore::open(dir.path(), &options)?;
+            // Submitted together: they share commits, so chunks of many records.
+            let receipts: Vec<_> = (1..=100)
+                .map(|n| store.outbox_submit(&outbox_record(n, 100)))
+                .collect();
+            for receipt in receipts {
+                receipt.wait()?;
+            }
+            assert!(
+                store.db.open_tree(OUTBOX)?.len() < 50,
+                "records share chunks"
+            );
+            assert_eq!(store.outbox_ack(37)?, 37);
+            assert_eq!(store.outbox_read(0, 1)?[0].0, 38);
+            store.sync()?;
+        }
+        let store = SledStore::open(dir.path(), &options)?;
+        let stats = store.outbox_stats()?;
+        assert_eq!(
+            (stats.len, stats.bytes, stats.first_seq),
+            (
+                63,
+                63 * outbox_record(0, 100).encode()?.len() as u64,
+                Some(38)
+            )
+        );
+        let read = store.outbox_read(0, 1000)?;
+        assert_eq!(read.first().map(|(seq, _)| *seq), Some(38));
+        assert_eq!(read.len(), 63);
+        assert_eq!(
+            store
+                .outbox_recent(3)?
+                .iter()
+                .map(|(s, _)| *s)
+                .collect::<Vec<_>>(),
+            [98, 99, 100]
+        );
         Ok(())
     }
 }

@@ -507,9 +507,7 @@ fn submitted_records_commit_in_order_and_resolve_without_a_thread_each() -> Test
         .collect::<Result<Vec<_>, _>>()?;
     assert_eq!(seqs, (1..=2000).collect::<Vec<_>>(), "in submission order");
     let read = store.outbox_read(0, usize::MAX)?;
-    let expected: Vec<_> = (0..2000)
-        .map(|n| (n + 1, record("submitted", n)))
-        .collect();
+    let expected: Vec<_> = (0..2000).map(|n| (n + 1, record("submitted", n))).collect();
     assert_eq!(read, expected);
 
     // A record refused outright resolves to its error at once and takes no sequence number.
@@ -532,7 +530,11 @@ fn closing_the_store_commits_every_record_already_submitted() -> TestResult {
         .collect();
     drop(store);
     for (n, receipt) in (1..).zip(receipts) {
-        assert_eq!(receipt.wait()?, n, "record {n} acknowledged after the close");
+        assert_eq!(
+            receipt.wait()?,
+            n,
+            "record {n} acknowledged after the close"
+        );
     }
     let store = open(dir.path())?;
     assert_eq!(store.outbox_len()?, 500);
@@ -560,7 +562,11 @@ fn async_tasks_awaiting_their_records_share_commits() -> TestResult {
                 tokio::spawn(async move {
                     let mut seqs = Vec::new();
                     for n in 0..8 {
-                        seqs.push(store.outbox_submit(&record(&format!("task-{t}"), n)).await?);
+                        seqs.push(
+                            store
+                                .outbox_submit(&record(&format!("task-{t}"), n))
+                                .await?,
+                        );
                     }
                     Ok::<_, StoreError>(seqs)
                 })
@@ -569,7 +575,10 @@ fn async_tasks_awaiting_their_records_share_commits() -> TestResult {
         let mut acked = Vec::new();
         for task in tasks {
             let seqs = task.await??;
-            assert!(seqs.is_sorted(), "one task's records in its order: {seqs:?}");
+            assert!(
+                seqs.is_sorted(),
+                "one task's records in its order: {seqs:?}"
+            );
             acked.extend(seqs);
         }
         Ok::<_, Box<dyn std::error::Error>>(acked)

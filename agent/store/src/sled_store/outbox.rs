@@ -24,6 +24,12 @@
 //! Closing the store stops both threads after they committed everything queued: a record
 //! whose receipt was handed out is never dropped unwritten.
 //!
+//! Records are stored in chunks of consecutive records, one sled value each
+//! ([`chunk`](super::chunk)), because sled's cost is per key. Acknowledging and dropping
+//! remove a prefix of the queue: the `head` sequence number (persisted in `perch/meta`)
+//! says how far, whole chunks before it are removed and a chunk it points into stays until
+//! its last record goes.
+//!
 //! Readers ([`Outbox::read`], [`Outbox::ack`], the watch channel) stop at the durable
 //! sequence number, so nothing is sent before its appender could have been told it is
 //! safe. Sequence numbers come from the high-water mark in `perch/meta`, never from the
@@ -39,9 +45,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use sled::Tree;
 use tokio::sync::watch;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
-use super::{Disk, SledOptions};
+use super::{Disk, OUTBOX_LEGACY, SledOptions, chunk};
 use crate::error::sled_err;
 use crate::receipt::{Completion, OutboxReceipt};
 use crate::{OutboxRecord, OutboxStats, StoreError};
@@ -55,10 +61,6 @@ const MAX_BATCH_RECORDS: usize = 4096;
 /// record is written on its own.
 const MAX_BATCH_BYTES: u64 = 2 * 1024 * 1024;
 
-/// `outbox_ack` removes records in batches of this many, so the commit it shares the tree
-/// with never waits for a huge acknowledgement.
-const ACK_CHUNK: usize = 4096;
-
 /// Stack of each commit thread: they only call into sled and the file system.
 const COMMIT_THREAD_STACK: usize = 256 * 1024;
 
@@ -66,6 +68,14 @@ const COMMIT_THREAD_STACK: usize = 256 * 1024;
 pub(super) const LAST_SEQ_KEY: &[u8] = b"outbox-last-seq";
 /// `perch/meta` key: records dropped by the bounds over the life of the store (u64 BE).
 const DROPPED_KEY: &[u8] = b"outbox-dropped";
+/// `perch/meta` key: every record up to this sequence number was acknowledged or dropped
+/// (u64 BE). Written without a sync: a power cut may bring records back, which only means
+/// they are sent again.
+const HEAD_KEY: &[u8] = b"outbox-head";
+
+/// Chunks `ack` removes per hold of the counters' lock, so a commit never waits for a huge
+/// acknowledgement.
+const ACK_CHUNKS: usize = 64;
 
 /// The outbox and its two commit threads, stopped (after committing what is queued) when
 /// it is dropped.
@@ -112,10 +122,12 @@ struct Pending {
 }
 
 struct State {
-    /// Records in the tree (including a batch being synced).
+    /// Records in the tree after `head` (including a batch being synced).
     len: u64,
-    /// Their encoded bytes.
+    /// Their encoded bytes (the chunks' framing not counted).
     bytes: u64,
+    /// Every record up to here was acknowledged or dropped.
+    head: u64,
     /// The last sequence number handed out.
     last_seq: u64,
     /// The last sequence number known durable: readers and acknowledgements stop here.
@@ -124,10 +136,10 @@ struct State {
     commits: u64,
 }
 
-/// Records a commit drops to honour the bounds, oldest first.
+/// Records a commit drops to honour the bounds: the oldest, from `first` through `last`.
 #[derive(Default)]
 struct Drops {
-    keys: Vec<[u8; 8]>,
+    records: u64,
     bytes: u64,
     expired: u64,
     first: u64,
@@ -155,21 +167,19 @@ impl Drop for Outbox {
 }
 
 impl Outbox {
-    /// Loads the counters (one scan of the tree, plus the persisted high-water mark and drop
-    /// counter) and starts the commit threads.
+    /// Loads the counters (one scan of the chunks, plus the persisted high-water mark, head
+    /// and drop counter), moves records of the one-record-per-key layout in `legacy` into
+    /// chunks, and starts the commit threads.
     pub(super) fn open(
         tree: Tree,
+        legacy: Option<Tree>,
         meta: Tree,
         disk: Disk,
         options: &SledOptions,
     ) -> Result<Self, StoreError> {
         let path = disk.path().to_path_buf();
-        let (mut len, mut bytes, mut last_key) = (0, 0, 0);
-        for item in tree.iter() {
-            let (key, value) = item.map_err(sled_err(|| "scanning the outbox".into()))?;
-            len += 1;
-            bytes += value.len() as u64;
-            last_key = seq_of(&key)?;
+        if let Some(legacy) = legacy {
+            migrate(&legacy, &tree, &disk)?;
         }
         let counter = |key: &[u8]| -> Result<u64, StoreError> {
             let raw = meta
@@ -190,10 +200,20 @@ impl Outbox {
                     }),
             })
         };
+        let head = counter(HEAD_KEY)?;
+        let (mut len, mut bytes, mut last_key) = (0, 0, 0);
+        for item in tree.iter() {
+            let (key, value) = item.map_err(sled_err(|| "scanning the outbox".into()))?;
+            let first = seq_of(&key)?;
+            let (n, b) = live_in_chunk(first, &value, head, u64::MAX)?;
+            len += n;
+            bytes += b;
+            last_key = first + chunk::count(first, &value)? - 1;
+        }
         // A store written before the high-water mark existed has only its records to go by.
         let last_seq = counter(LAST_SEQ_KEY)?.max(last_key);
         let dropped = counter(DROPPED_KEY)?;
-        debug!(len, bytes, last_seq, dropped, "store.outbox_open");
+        debug!(len, bytes, head, last_seq, dropped, "store.outbox_open");
         let shared = Arc::new(Shared {
             tree,
             meta,
@@ -209,6 +229,7 @@ impl Outbox {
             state: Mutex::new(State {
                 len,
                 bytes,
+                head,
                 last_seq,
                 durable_seq: last_seq,
                 dropped,
@@ -220,16 +241,19 @@ impl Outbox {
             shared,
             threads: Vec::with_capacity(2),
         };
-        for (name, run) in [
-            ("perch-outbox-w", Shared::run_writer as fn(&Shared)),
-            ("perch-outbox-s", Shared::run_syncer),
+        for (name, syncer, run) in [
+            ("perch-outbox-w", false, Shared::run_writer as fn(&Shared)),
+            ("perch-outbox-s", true, Shared::run_syncer),
         ] {
             let shared = Arc::clone(&outbox.shared);
             let thread = std::thread::Builder::new()
                 .name(name.into())
                 .stack_size(COMMIT_THREAD_STACK)
                 .spawn(move || {
-                    let _stopped = StopGuard(&shared);
+                    let _stopped = StopGuard {
+                        shared: &shared,
+                        syncer,
+                    };
                     run(&shared);
                 })
                 .map_err(|source| StoreError::Io {
@@ -244,28 +268,40 @@ impl Outbox {
     }
 }
 
-/// Marks the outbox stopped when a commit thread ends, however it ends, and fails every
-/// receipt left, so no appender waits forever (only a panic leaves any: a thread that stops
-/// normally committed everything first).
-struct StopGuard<'a>(&'a Shared);
+/// Runs when a commit thread ends, however it ends. The writer's end lets the syncer stop
+/// once it synced what was written. The syncer's end (normally the last) marks the outbox
+/// stopped and fails every receipt left, so no appender waits forever: only a panic leaves
+/// any, since a thread that stops normally committed everything first.
+struct StopGuard<'a> {
+    shared: &'a Shared,
+    syncer: bool,
+}
 
 impl Drop for StopGuard<'_> {
     fn drop(&mut self) {
         let left: Vec<Arc<Completion>> = {
-            let mut queue = self.0.queue();
-            queue.stopped = true;
-            queue.writer_stopped = true;
-            let pending = std::mem::take(&mut queue.pending);
-            let unsynced = std::mem::take(&mut queue.unsynced);
-            pending
-                .into_iter()
-                .map(|p| p.done)
-                .chain(unsynced.into_iter().map(|(_, done)| done))
-                .collect()
+            let mut queue = self.shared.queue();
+            queue.writer_stopped |= !self.syncer;
+            if !self.syncer && !std::thread::panicking() {
+                Vec::new()
+            } else {
+                queue.stopped = true;
+                let pending = std::mem::take(&mut queue.pending);
+                let unsynced = if self.syncer {
+                    std::mem::take(&mut queue.unsynced)
+                } else {
+                    VecDeque::new()
+                };
+                pending
+                    .into_iter()
+                    .map(|p| p.done)
+                    .chain(unsynced.into_iter().map(|(_, done)| done))
+                    .collect()
+            }
         };
-        self.0.written.notify_all();
+        self.shared.written.notify_all();
         for done in left {
-            done.complete(Err(self.0.stopped_error()));
+            done.complete(Err(self.shared.stopped_error()));
         }
     }
 }
@@ -323,7 +359,7 @@ impl Shared {
     fn run_writer(&self) {
         let cap_bytes = MAX_BATCH_BYTES.min(self.max_bytes);
         loop {
-            let mut batch: Vec<Pending> = {
+            let batch: Vec<Pending> = {
                 let mut queue = self.queue();
                 while queue.pending.is_empty() && !queue.closing {
                     queue = self
@@ -351,13 +387,23 @@ impl Shared {
             let n = batch.len();
             let written = self.disk.guarded(
                 || format!("writing {n} outbox records"),
-                || self.write_batch(&mut batch),
+                || self.write_batch(&batch),
             );
             match written {
                 Ok(first) => {
-                    self.queue()
+                    let mut queue = self.queue();
+                    if queue.stopped {
+                        // The syncer is gone: nobody will make these durable.
+                        drop(queue);
+                        for p in batch {
+                            p.done.complete(Err(self.stopped_error()));
+                        }
+                        continue;
+                    }
+                    queue
                         .unsynced
                         .extend((first..).zip(batch).map(|(seq, p)| (seq, p.done)));
+                    drop(queue);
                     self.written.notify_one();
                 }
                 Err(e) => {
@@ -369,66 +415,68 @@ impl Shared {
         }
     }
 
-    /// Writes the records the bounds drop, `batch` with consecutive sequence numbers and the
-    /// high-water mark; returns the first sequence number. The sequence numbers are handed
-    /// out even when this fails: what was written of the batch is taken out again.
+    /// Drops what the bounds require, then writes `batch` as chunks with consecutive
+    /// sequence numbers and the high-water mark; returns the first sequence number. The
+    /// sequence numbers are handed out even when this fails: what was written of the batch
+    /// is taken out again.
     ///
     /// Plain sled inserts rather than one atomic `Batch`: sled 0.34 makes a batch atomic by
     /// rolling its IO buffer first (`pin_log`), one more synchronous write per commit, which
-    /// cost a third of the throughput here (`benches/outbox.rs`, 64 appenders: ~45,000
-    /// against ~70,000 records/s). Nothing needs the atomicity: records are acknowledged,
-    /// readable and acknowledgeable by the broker only after a sync that began after this
-    /// write (high-water mark included) returned, so a power cut in between loses only
-    /// records nobody was told about, and no sequence number that left the store can come
-    /// back. At worst it loses that commit's increment of the drop counter.
-    fn write_batch(&self, batch: &mut [Pending]) -> Result<u64, StoreError> {
+    /// cost a third of the throughput here (`benches/outbox.rs`). Nothing needs the
+    /// atomicity: records are acknowledged, readable and acknowledgeable by the broker only
+    /// after a sync that began after this write (high-water mark included) returned, so a
+    /// power cut in between loses only records nobody was told about, and no sequence
+    /// number that left the store can come back. At worst it loses that commit's increment
+    /// of the drop counter.
+    fn write_batch(&self, batch: &[Pending]) -> Result<u64, StoreError> {
         let n = batch.len() as u64;
         let mut state = self.state();
         let first = state.last_seq + 1;
         let last = state.last_seq + n;
-        let drops = self.plan_drops(&state, batch.iter().map(|p| p.encoded.len() as u64).sum())?;
-        let action = || format!("writing outbox records {first}..={last}");
-        let (mut added, mut added_bytes, mut removed, mut removed_bytes) = (0, 0, 0, 0);
-        let written = (|| {
-            for key in &drops.keys {
-                if let Some(old) = self.tree.remove(&key[..])? {
-                    removed += 1;
-                    removed_bytes += old.len() as u64;
-                }
-            }
-            for (seq, p) in (first..).zip(batch.iter_mut()) {
-                let len = p.encoded.len() as u64;
-                self.tree
-                    .insert(&seq.to_be_bytes()[..], std::mem::take(&mut p.encoded))?;
-                added += 1;
-                added_bytes += len;
-            }
-            self.meta.insert(LAST_SEQ_KEY, &last.to_be_bytes()[..])?;
-            if removed > 0 {
-                self.meta
-                    .insert(DROPPED_KEY, &(state.dropped + removed).to_be_bytes()[..])?;
-            }
-            Ok(())
-        })();
         state.last_seq = last;
-        state.len = state.len + added - removed;
-        state.bytes = state.bytes + added_bytes - removed_bytes;
-        state.dropped += removed;
-        drop(state);
-        if removed > 0 {
+        let incoming = batch.iter().map(|p| p.encoded.len() as u64).sum();
+        let drops = self.plan_drops(&state, incoming)?;
+        if drops.records > 0 {
+            self.remove_through(&mut state, drops.last, usize::MAX)
+                .map_err(sled_err(|| {
+                    format!("dropping outbox records {}..={}", drops.first, drops.last)
+                }))?;
+            state.dropped += drops.records;
             warn!(
-                dropped = removed,
+                dropped = drops.records,
                 expired = drops.expired,
                 first_seq = drops.first,
                 last_seq = drops.last,
-                bytes = removed_bytes,
+                bytes = drops.bytes,
                 "store.outbox_dropped: the outbox is over its bounds, dropped the oldest records"
             );
         }
+        let mut written = Ok(());
+        let mut seq = first;
+        for (count, value) in chunk::build(batch.iter().map(|p| p.encoded.as_slice())) {
+            let bytes = value.len() as u64 - chunk::overhead(count);
+            if let Err(e) = self.tree.insert(seq.to_be_bytes(), value) {
+                written = Err(e);
+                break;
+            }
+            state.len += count;
+            state.bytes += bytes;
+            seq += count;
+        }
+        let written = written
+            .and_then(|()| self.meta.insert(LAST_SEQ_KEY, &last.to_be_bytes()[..]))
+            .and_then(|_| {
+                if drops.records > 0 {
+                    self.meta
+                        .insert(DROPPED_KEY, &state.dropped.to_be_bytes()[..])?;
+                }
+                Ok(())
+            });
+        drop(state);
         if let Err(source) = written {
             self.roll_back(first, last);
             return Err(StoreError::Sled {
-                action: action(),
+                action: format!("writing outbox records {first}..={last}"),
                 source,
             });
         }
@@ -487,10 +535,10 @@ impl Shared {
         }
     }
 
-    /// Which existing records to drop so the outbox, with `incoming` more bytes, stays
-    /// within its bounds: oldest first, while over the byte bound or older than the age
-    /// bound. Only durable records are candidates: a record whose appender still waits is
-    /// never dropped (the bound may be exceeded by the records being synced meanwhile).
+    /// Which records to drop so the outbox, with `incoming` more bytes, stays within its
+    /// bounds: oldest first, while over the byte bound or older than the age bound. Only
+    /// durable records are candidates: a record whose appender still waits is never
+    /// dropped (the bound may be exceeded by the records being synced meanwhile).
     fn plan_drops(&self, state: &State, incoming: u64) -> Result<Drops, StoreError> {
         let cutoff = self.max_age_ms.map(|age| now_ms().saturating_sub(age));
         let mut drops = Drops::default();
@@ -498,37 +546,120 @@ impl Shared {
         if cutoff.is_none() && !over(0) {
             return Ok(drops);
         }
-        for item in self.tree.range(..=state.durable_seq.to_be_bytes()) {
-            let (key, value) = item.map_err(sled_err(|| "reading the outbox".into()))?;
-            // A record whose frame does not decode has no age and goes first.
-            let expired = cutoff.is_some_and(|cutoff| {
-                OutboxRecord::timestamp_of(&value).is_none_or(|ms| ms < cutoff)
-            });
-            // Expired records go at most a batch at a time, so a clock that jumps ahead does
-            // not stall one commit with the whole outbox; later commits take the rest.
-            if !over(drops.bytes) && (!expired || drops.keys.len() >= MAX_BATCH_RECORDS) {
-                break;
+        for item in self.chunks_from(state.head + 1, state.durable_seq) {
+            let (first, value) = item?;
+            for frame in chunk::frames(first, &value)? {
+                let (seq, frame) = frame?;
+                if seq <= state.head {
+                    continue;
+                }
+                if seq > state.durable_seq {
+                    return Ok(drops);
+                }
+                // A record whose frame does not decode has no age and goes first.
+                let expired = cutoff.is_some_and(|cutoff| {
+                    OutboxRecord::timestamp_of(frame).is_none_or(|ms| ms < cutoff)
+                });
+                // Expired records go at most a batch at a time, so a clock that jumps ahead
+                // does not stall one commit with the whole outbox; later commits take the rest.
+                if !over(drops.bytes) && (!expired || drops.records >= MAX_BATCH_RECORDS as u64) {
+                    return Ok(drops);
+                }
+                if drops.records == 0 {
+                    drops.first = seq;
+                }
+                drops.last = seq;
+                drops.records += 1;
+                drops.bytes += frame.len() as u64;
+                drops.expired += u64::from(expired);
             }
-            let seq = seq_of(&key)?;
-            if drops.keys.is_empty() {
-                drops.first = seq;
-            }
-            drops.last = seq;
-            drops.keys.push(seq.to_be_bytes());
-            drops.bytes += value.len() as u64;
-            drops.expired += u64::from(expired);
         }
         Ok(drops)
     }
 
-    /// Takes records whose sync failed out of the tree so they are never sent
-    /// unacknowledged.
+    /// The chunks holding records `from..=through` (and possibly records before `from` in
+    /// the first one), oldest first, with their first sequence numbers.
+    fn chunks_from(
+        &self,
+        from: u64,
+        through: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), StoreError>> + '_ {
+        // The chunk `from` falls into starts at or before it.
+        let start = match self.tree.range(..=from.to_be_bytes()).next_back() {
+            Some(Ok((key, _))) => key.to_vec(),
+            _ => from.to_be_bytes().to_vec(),
+        };
+        let range = if from > through {
+            None
+        } else {
+            Some(self.tree.range(start..=through.to_be_bytes().to_vec()))
+        };
+        range.into_iter().flatten().map(|item| {
+            let (key, value) = item.map_err(sled_err(|| "reading the outbox".into()))?;
+            Ok((seq_of(&key)?, value))
+        })
+    }
+
+    /// Moves the head to `through` (acknowledged or dropped): removes every chunk whose
+    /// records all lie at or before it, at most `limit` chunks, and updates the counters.
+    /// Returns the new head, which is `through` unless the limit stopped it earlier.
+    fn remove_through(&self, state: &mut State, through: u64, limit: usize) -> sled::Result<u64> {
+        let mut head = through;
+        let mut removed = 0;
+        for item in self.tree.iter() {
+            let (key, value) = item?;
+            let Ok(first) = seq_of(&key) else { break };
+            if first > through {
+                break;
+            }
+            let Ok(count) = chunk::count(first, &value) else {
+                break;
+            };
+            let last = first + count - 1;
+            if removed == limit {
+                head = head.min(first - 1);
+                break;
+            }
+            let Ok((n, bytes)) = live_in_chunk(first, &value, state.head, through) else {
+                break;
+            };
+            state.len -= n;
+            state.bytes -= bytes;
+            if last > through {
+                break;
+            }
+            self.tree.remove(key)?;
+            removed += 1;
+        }
+        let head = head.max(state.head);
+        state.head = head;
+        self.meta.insert(HEAD_KEY, &head.to_be_bytes()[..])?;
+        Ok(head)
+    }
+
+    /// Takes the chunks of a batch whose write or sync failed out of the tree so they are
+    /// never sent unacknowledged.
     fn roll_back(&self, first: u64, last: u64) {
         let mut state = self.state();
-        let (mut n, mut bytes) = (0, 0);
-        let rolled_back = self.remove_range(first, last, usize::MAX, &mut n, &mut bytes);
-        state.len -= n;
-        state.bytes -= bytes;
+        let rolled_back = (|| -> Result<(), StoreError> {
+            let keys: Vec<(sled::IVec, u64, u64)> = self
+                .tree
+                .range(first.to_be_bytes()..=last.to_be_bytes())
+                .map(|item| {
+                    let (key, value) = item.map_err(sled_err(|| "reading the outbox".into()))?;
+                    let (n, bytes) = live_in_chunk(seq_of(&key)?, &value, state.head, u64::MAX)?;
+                    Ok((key, n, bytes))
+                })
+                .collect::<Result<_, StoreError>>()?;
+            for (key, n, bytes) in keys {
+                self.tree.remove(key).map_err(sled_err(|| {
+                    format!("removing outbox records {first}..={last}")
+                }))?;
+                state.len -= n;
+                state.bytes -= bytes;
+            }
+            Ok(())
+        })();
         if let Err(e) = rolled_back {
             error!(
                 error = %e,
@@ -539,57 +670,58 @@ impl Shared {
         }
     }
 
-    /// Removes up to `limit` records from `first` through `last`, counting them and their
-    /// bytes. Plain removes, not a sled `Batch`: nothing needs them atomic (a removal a power
-    /// cut undoes only means a record is sent again) and a batch costs sled an extra write.
-    fn remove_range(
-        &self,
-        first: u64,
-        last: u64,
-        limit: usize,
-        n: &mut u64,
-        bytes: &mut u64,
-    ) -> sled::Result<()> {
-        let keys = self
-            .tree
-            .range(first.to_be_bytes()..=last.to_be_bytes())
-            .keys()
-            .take(limit)
-            .collect::<sled::Result<Vec<_>>>()?;
-        for key in keys {
-            if let Some(old) = self.tree.remove(key)? {
-                *n += 1;
-                *bytes += old.len() as u64;
-            }
-        }
-        Ok(())
-    }
-
     pub(super) fn read(
         &self,
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        let durable = self.state().durable_seq;
+        let (head, durable) = {
+            let state = self.state();
+            (state.head, state.durable_seq)
+        };
         if limit == 0 || after >= durable {
             return Ok(Vec::new());
         }
-        self.tree
-            .range((after + 1).to_be_bytes()..=durable.to_be_bytes())
-            .take(limit)
-            .map(decode)
-            .collect()
+        let from = after.max(head) + 1;
+        let mut out = Vec::with_capacity(limit.min(4096));
+        'chunks: for item in self.chunks_from(from, durable) {
+            let (first, value) = item?;
+            for frame in chunk::frames(first, &value)? {
+                let (seq, frame) = frame?;
+                if seq < from {
+                    continue;
+                }
+                if seq > durable || out.len() >= limit {
+                    break 'chunks;
+                }
+                out.push((seq, decode(seq, frame)?));
+            }
+        }
+        Ok(out)
     }
 
     pub(super) fn recent(&self, limit: usize) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        let durable = self.state().durable_seq;
-        let mut out = self
-            .tree
-            .range(..=durable.to_be_bytes())
-            .rev()
-            .take(limit)
-            .map(decode)
-            .collect::<Result<Vec<_>, _>>()?;
+        let (head, durable) = {
+            let state = self.state();
+            (state.head, state.durable_seq)
+        };
+        let mut out = Vec::new();
+        for item in self.tree.range(..=durable.to_be_bytes()).rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(sled_err(|| "reading the outbox".into()))?;
+            let first = seq_of(&key)?;
+            let mut records = chunk::frames(first, &value)?
+                .filter(|f| {
+                    f.as_ref()
+                        .map_or(true, |(seq, _)| *seq > head && *seq <= durable)
+                })
+                .map(|f| f.and_then(|(seq, frame)| Ok((seq, decode(seq, frame)?))))
+                .collect::<Result<Vec<_>, _>>()?;
+            records.reverse();
+            out.extend(records.into_iter().take(limit - out.len()));
+        }
         out.reverse();
         Ok(out)
     }
@@ -600,16 +732,17 @@ impl Shared {
             let mut state = self.state();
             // Records still being committed are nobody's to acknowledge yet.
             let through = through.min(state.durable_seq);
-            let (mut n, mut bytes) = (0, 0);
-            let result = self.remove_range(0, through, ACK_CHUNK, &mut n, &mut bytes);
-            state.len -= n;
-            state.bytes -= bytes;
-            drop(state);
-            removed += n;
-            result.map_err(sled_err(|| {
-                format!("acknowledging outbox records to {through}")
-            }))?;
-            if n < ACK_CHUNK as u64 {
+            if through <= state.head {
+                break;
+            }
+            let len = state.len;
+            let head = self
+                .remove_through(&mut state, through, ACK_CHUNKS)
+                .map_err(sled_err(|| {
+                    format!("acknowledging outbox records to {through}")
+                }))?;
+            removed += len - state.len;
+            if head >= through {
                 break;
             }
         }
@@ -620,20 +753,25 @@ impl Shared {
     pub(super) fn stats(&self) -> Result<OutboxStats, StoreError> {
         // Under the lock so the counters and the first record agree.
         let state = self.state();
-        let first = self
-            .tree
-            .first()
-            .map_err(sled_err(|| "reading the outbox".into()))?;
-        let (first_seq, oldest_ms) = match first {
-            Some((key, value)) => (Some(seq_of(&key)?), OutboxRecord::timestamp_of(&value)),
-            None => (None, None),
-        };
+        let mut first = None;
+        if state.len > 0 {
+            'chunks: for item in self.chunks_from(state.head + 1, u64::MAX) {
+                let (chunk_first, value) = item?;
+                for frame in chunk::frames(chunk_first, &value)? {
+                    let (seq, frame) = frame?;
+                    if seq > state.head {
+                        first = Some((seq, OutboxRecord::timestamp_of(frame)));
+                        break 'chunks;
+                    }
+                }
+            }
+        }
         Ok(OutboxStats {
             len: state.len,
             bytes: state.bytes,
-            first_seq,
+            first_seq: first.map(|(seq, _)| seq),
             last_seq: state.last_seq,
-            oldest_ms,
+            oldest_ms: first.and_then(|(_, ms)| ms),
             dropped: state.dropped,
             commits: state.commits,
         })
@@ -648,6 +786,75 @@ impl Shared {
     }
 }
 
+/// How many records of the chunk starting at `first` lie after `head` and at or before
+/// `through`, and their encoded bytes; walks the records only when the chunk is cut.
+fn live_in_chunk(
+    first: u64,
+    value: &[u8],
+    head: u64,
+    through: u64,
+) -> Result<(u64, u64), StoreError> {
+    let count = chunk::count(first, value)?;
+    let last = first + count - 1;
+    if first > head && last <= through {
+        return Ok((count, value.len() as u64 - chunk::overhead(count)));
+    }
+    let (mut n, mut bytes) = (0, 0);
+    for frame in chunk::frames(first, value)? {
+        let (seq, frame) = frame?;
+        if seq > head && seq <= through {
+            n += 1;
+            bytes += frame.len() as u64;
+        }
+    }
+    Ok((n, bytes))
+}
+
+/// Moves the records of a store written with one record per key (`legacy`) into chunks,
+/// makes them durable, and empties `legacy`. Rewriting the same records gives the same
+/// chunks under the same keys, so a power cut part way only means it runs again. An agent
+/// rolled back to that layout after this ignores the chunks and finds the records again
+/// when it is updated once more.
+fn migrate(legacy: &Tree, tree: &Tree, disk: &Disk) -> Result<(), StoreError> {
+    let mut moved = 0u64;
+    let mut run: Vec<(u64, sled::IVec)> = Vec::new();
+    let flush_run = |run: &mut Vec<(u64, sled::IVec)>| -> Result<(), StoreError> {
+        let Some(&(mut seq, _)) = run.first() else {
+            return Ok(());
+        };
+        for (count, value) in chunk::build(run.iter().map(|(_, v)| v.as_ref())) {
+            tree.insert(seq.to_be_bytes(), value)
+                .map_err(sled_err(|| "moving outbox records into chunks".into()))?;
+            seq += count;
+        }
+        run.clear();
+        Ok(())
+    };
+    for item in legacy.iter() {
+        let (key, value) = item.map_err(sled_err(|| "reading the old outbox".into()))?;
+        let seq = seq_of(&key)?;
+        if run.last().is_some_and(|(last, _)| *last + 1 != seq) || run.len() >= MAX_BATCH_RECORDS {
+            flush_run(&mut run)?;
+        }
+        run.push((seq, value));
+        moved += 1;
+    }
+    flush_run(&mut run)?;
+    if moved == 0 {
+        return Ok(());
+    }
+    disk.flush_and_sync()?;
+    disk.db
+        .drop_tree(OUTBOX_LEGACY)
+        .map_err(sled_err(|| "removing the old outbox".into()))?;
+    disk.flush_and_sync()?;
+    info!(
+        records = moved,
+        "store.outbox_migrated: records moved into chunks"
+    );
+    Ok(())
+}
+
 fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
     <[u8; 8]>::try_from(key)
         .map(u64::from_be_bytes)
@@ -657,14 +864,11 @@ fn seq_of(key: &[u8]) -> Result<u64, StoreError> {
         })
 }
 
-fn decode(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(u64, OutboxRecord), StoreError> {
-    let (key, value) = item.map_err(sled_err(|| "reading the outbox".into()))?;
-    let seq = seq_of(&key)?;
-    let record = OutboxRecord::decode(&value).ok_or_else(|| StoreError::Corrupt {
+fn decode(seq: u64, frame: &[u8]) -> Result<OutboxRecord, StoreError> {
+    OutboxRecord::decode(frame).ok_or_else(|| StoreError::Corrupt {
         what: format!("outbox record {seq}"),
         detail: "its frame does not decode".into(),
-    })?;
-    Ok((seq, record))
+    })
 }
 
 fn now_ms() -> u64 {
