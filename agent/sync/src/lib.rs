@@ -84,13 +84,22 @@ pub trait Transport: Send + 'static {
     /// Makes sure the link is up (connecting, or checking the client's own reconnection).
     fn connect(&mut self) -> BoxFuture<'_, Result<(), SyncError>>;
 
-    /// Publishes `records` (in sequence order) and waits for their acks. Returns the
-    /// sequence of the last record of the longest acknowledged prefix, if any, with the
-    /// error that stopped it.
+    /// Publishes `records` (in sequence order, after every record published before on this
+    /// connection). Returns the sequence of the last record of the longest acknowledged
+    /// prefix so far, if it grew, with the error that stopped it. Up to a window of records
+    /// may still be in flight when it returns, acknowledged by a later call or
+    /// [`Transport::flush`], so the window stays full from one outbox read to the next;
+    /// after an error, or a new connection, nothing is in flight any more.
     fn publish<'a>(
         &'a mut self,
         records: &'a [(u64, OutboxRecord)],
     ) -> BoxFuture<'a, (Option<u64>, Result<(), SyncError>)>;
+
+    /// Waits for the acknowledgement of every record still in flight; returns as
+    /// [`Transport::publish`] does.
+    fn flush(&mut self) -> BoxFuture<'_, (Option<u64>, Result<(), SyncError>)> {
+        Box::pin(async { (None, Ok(())) })
+    }
 
     /// Sends a heartbeat; an error means the link is down.
     fn heartbeat(&mut self, body: Vec<u8>) -> BoxFuture<'_, Result<(), SyncError>>;
@@ -648,27 +657,34 @@ async fn run(mut s: Session, mut stopped: watch::Receiver<bool>) {
                     Err(e) => tracing::debug!(error = %e, "reported state not delivered yet"),
                 }
             }
-            // Drain everything there is, one window at a time.
+            // Drain everything there is. The transport keeps up to a window of records in
+            // flight across reads, so reading the next records never empties the pipe
+            // (an empty pipe waits a round trip, and a broker with Nagle's algorithm on holds
+            // its last acks back for the peer's delayed-ack timer, 40 ms on Linux).
+            let mut sent = 0;
             loop {
-                // Several windows per read: the transport keeps `window` records in flight
-                // and the pipeline only drains at the end of a read.
-                let records = match s.store.outbox_read(0, s.config.window * READ_WINDOWS) {
+                let records = match s.store.outbox_read(sent, s.config.window * READ_WINDOWS) {
                     Ok(r) => r,
                     Err(e) => break 'session SyncError::Store(e.to_string()),
                 };
-                if records.is_empty() {
-                    break;
-                }
-                let (acked, result) = s.transport.publish(&records).await;
-                if let Some(through) = acked {
-                    let n = records.iter().take_while(|(q, _)| *q <= through).count();
-                    if let Err(e) = s.store.outbox_ack(through) {
-                        break 'session SyncError::Store(e.to_string());
+                let (acked, result) = match records.last() {
+                    Some((last, _)) => {
+                        sent = *last;
+                        s.transport.publish(&records).await
                     }
-                    s.state.delivered(n as u64);
+                    None => s.transport.flush().await,
+                };
+                if let Some(through) = acked {
+                    match s.store.outbox_ack(through) {
+                        Ok(n) => s.state.delivered(n),
+                        Err(e) => break 'session SyncError::Store(e.to_string()),
+                    }
                 }
                 if let Err(e) = result {
                     break 'session e;
+                }
+                if records.is_empty() {
+                    break;
                 }
             }
             tokio::select! {

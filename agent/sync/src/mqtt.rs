@@ -152,7 +152,14 @@ pub struct Mqtt {
     session: Option<Session>,
     /// Why the last session was ended here, until the next one is open.
     lost: Option<String>,
+    /// Most outbox records unacknowledged at once (the broker's receive maximum and the
+    /// request channel usually allow fewer).
+    window: usize,
+    /// Outbox records handed to the session and not acknowledged yet, oldest first.
+    in_flight: VecDeque<(u64, AckReceiver)>,
 }
+
+type AckReceiver = oneshot::Receiver<Result<(), AckError>>;
 
 impl std::fmt::Debug for Mqtt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -307,12 +314,18 @@ impl Mqtt {
             broker.host.clone(),
             broker.port,
         );
+        // Nagle's algorithm would hold a publish back until the broker acked the previous
+        // segment, and the broker delays that ack (up to 40 ms on Linux) hoping to piggyback
+        // it: every small burst (an acknowledged window, a heartbeat) would wait for the timer.
+        let mut network = options.network_options();
+        network.set_tcp_nodelay(true);
         options
             .set_keep_alive(KEEP_ALIVE)
             .set_clean_start(false)
             .set_session_expiry_interval(Some(SESSION_EXPIRY.as_secs() as u32))
             .set_max_packet_size(Some(MAX_INCOMING_PACKET))
             .set_connection_timeout(TIMEOUT.as_secs())
+            .set_network_options(network)
             .set_request_channel_capacity(REQUEST_CAPACITY)
             // Incoming QoS 1 publishes are acknowledged by the transport: local-bus messages
             // only once the bus took them, so none is lost between PUBACK and delivery.
@@ -347,6 +360,8 @@ impl Mqtt {
             options,
             session: None,
             lost: None,
+            window: config.window.max(1),
+            in_flight: VecDeque::new(),
         })
     }
 
@@ -424,6 +439,34 @@ impl Mqtt {
             .ok_or_else(|| SyncError::NotConnected { url: url.clone() })
     }
 
+    /// Ends a `publish` or `flush`: keeps what is still in flight, or after a failure
+    /// nothing (the next sync session resends from the outbox) and, when the connection was
+    /// lost, ends the session.
+    fn finish_publish(
+        &mut self,
+        in_flight: VecDeque<(u64, AckReceiver)>,
+        acked: Option<u64>,
+        stopped: Option<(u64, AckError)>,
+    ) -> (Option<u64>, Result<(), SyncError>) {
+        let fail = |seq: u64, reason: String| SyncError::Publish {
+            what: format!("outbox record {seq} to {}", self.url),
+            reason,
+        };
+        match stopped {
+            None => {
+                self.in_flight = in_flight;
+                (acked, Ok(()))
+            }
+            // Refused by the broker: the session is fine, the record stays in the outbox.
+            Some((seq, AckError::Refused(reason))) => (acked, Err(fail(seq, reason))),
+            Some((seq, AckError::Lost(reason))) => {
+                let error = fail(seq, reason.clone());
+                self.end_session(&reason);
+                (acked, Err(error))
+            }
+        }
+    }
+
     fn end_session(&mut self, reason: &str) {
         if self.session.take().is_some() {
             tracing::warn!(url = %self.url, %reason, "mqtt connection given up");
@@ -439,6 +482,8 @@ impl Transport for Mqtt {
 
     fn connect(&mut self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
+            // A new sync session starts from the oldest record in the outbox.
+            self.in_flight.clear();
             if self.session.as_ref().is_some_and(Session::alive) {
                 return Ok(());
             }
@@ -456,20 +501,34 @@ impl Transport for Mqtt {
         records: &'a [(u64, OutboxRecord)],
     ) -> BoxFuture<'a, (Option<u64>, Result<(), SyncError>)> {
         Box::pin(async move {
+            // Nothing stays in flight after a failure: taken here, put back when all is well.
+            let mut in_flight = std::mem::take(&mut self.in_flight);
             let session = match self.live("telemetry") {
                 Ok(s) => s,
                 Err(e) => return (None, Err(e)),
             };
-            let fail = |seq: u64, reason: String| SyncError::Publish {
-                what: format!("outbox record {seq} to {}", self.url),
-                reason,
+            // Hand each record to the event loop (it sends them as its in-flight window
+            // allows) and take the PUBACKs in order as they come; those still due stay in
+            // flight for the next call.
+            let mut acked = None;
+            let mut stopped: Option<(u64, AckError)> = None;
+            let mut settle = |outcome: Option<(u64, Result<(), AckError>)>| match outcome {
+                Some((seq, Ok(()))) => {
+                    acked = Some(seq);
+                    true
+                }
+                Some((seq, Err(e))) => {
+                    stopped = Some((seq, e));
+                    false
+                }
+                None => false,
             };
-            // Hand every record to the event loop (it sends them as its in-flight window
-            // allows), then collect the PUBACKs in order.
-            let mut pending = Vec::with_capacity(records.len());
-            let mut error = None;
-            let mut broken = None;
-            for (seq, r) in records {
+            'records: for (seq, r) in records {
+                while in_flight.len() >= self.window {
+                    if !settle(settle_oldest(session, &mut in_flight, true).await) {
+                        break 'records;
+                    }
+                }
                 let properties = PublishProperties {
                     user_properties: vec![
                         (
@@ -490,40 +549,38 @@ impl Transport for Mqtt {
                     )
                     .await;
                 match sent {
-                    Ok(ack) => pending.push((*seq, ack)),
+                    Ok(ack) => in_flight.push_back((*seq, ack)),
                     Err(reason) => {
-                        broken = Some(reason.clone());
-                        error = Some(fail(*seq, reason));
+                        settle(Some((*seq, Err(AckError::Lost(reason)))));
                         break;
                     }
                 }
             }
+            // What is acknowledged already counts now, without waiting for the rest.
+            while settle(settle_oldest(session, &mut in_flight, false).await) {}
+            self.finish_publish(in_flight, acked, stopped)
+        })
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, (Option<u64>, Result<(), SyncError>)> {
+        Box::pin(async move {
+            let mut in_flight = std::mem::take(&mut self.in_flight);
+            let session = match self.live("telemetry") {
+                Ok(s) => s,
+                Err(e) => return (None, Err(e)),
+            };
             let mut acked = None;
-            let mut prefix = true;
-            for (seq, ack) in pending {
-                match session.ack(ack).await {
-                    Ok(()) if prefix => acked = Some(seq),
-                    Ok(()) => {}
-                    // Refused by the broker: the session is fine, later acks still come.
-                    Err(AckError::Refused(reason)) => {
-                        if prefix {
-                            error = Some(fail(seq, reason));
-                        }
-                        prefix = false;
-                    }
-                    Err(AckError::Lost(reason)) => {
-                        if prefix {
-                            error = Some(fail(seq, reason.clone()));
-                        }
-                        broken = Some(reason);
+            let mut stopped = None;
+            while let Some((seq, result)) = settle_oldest(session, &mut in_flight, true).await {
+                match result {
+                    Ok(()) => acked = Some(seq),
+                    Err(e) => {
+                        stopped = Some((seq, e));
                         break;
                     }
                 }
             }
-            if let Some(reason) = broken {
-                self.end_session(&reason);
-            }
-            (acked, error.map_or(Ok(()), Err))
+            self.finish_publish(in_flight, acked, stopped)
         })
     }
 
@@ -1030,6 +1087,29 @@ impl Session {
             ))),
         }
     }
+}
+
+/// The oldest record in flight with its acknowledgement: waiting for it (`wait`), or only
+/// when it has arrived already. `None` when nothing is in flight (or, not waiting, the
+/// oldest is still due).
+async fn settle_oldest(
+    session: &Session,
+    in_flight: &mut VecDeque<(u64, AckReceiver)>,
+    wait: bool,
+) -> Option<(u64, Result<(), AckError>)> {
+    let (seq, rx) = in_flight.front_mut()?;
+    let seq = *seq;
+    if wait {
+        let (_, rx) = in_flight.pop_front()?;
+        return Some((seq, session.ack(rx).await));
+    }
+    let result = match rx.try_recv() {
+        Ok(result) => result,
+        Err(oneshot::error::TryRecvError::Empty) => return None,
+        Err(oneshot::error::TryRecvError::Closed) => Err(AckError::Lost(session.end_reason())),
+    };
+    in_flight.pop_front();
+    Some((seq, result))
 }
 
 /// Where the event loop's task reports what it sees.

@@ -12,6 +12,7 @@
 //! Streams are created through the JetStream JSON API rather than the client's typed
 //! helpers, which expect fields a 2.9 server does not send.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,6 +88,8 @@ pub struct Nats {
     js: Option<jetstream::Context>,
     stream_ready: bool,
     mirror_ready: bool,
+    /// Outbox records published and not acknowledged yet, oldest first.
+    in_flight: VecDeque<(u64, jetstream::context::PublishAckFuture)>,
 }
 
 impl std::fmt::Debug for Nats {
@@ -158,6 +161,7 @@ impl Nats {
             client: None,
             js: None,
             stream_ready: false,
+            in_flight: VecDeque::new(),
             mirror_ready: false,
         })
     }
@@ -469,6 +473,8 @@ impl Transport for Nats {
 
     fn connect(&mut self) -> BoxFuture<'_, Result<(), SyncError>> {
         Box::pin(async move {
+            // A new sync session starts from the oldest record in the outbox.
+            self.in_flight.clear();
             match &self.client {
                 Some(c) if c.connection_state() == State::Connected => {}
                 Some(_) => {
@@ -509,6 +515,7 @@ impl Transport for Nats {
     ) -> BoxFuture<'a, (Option<u64>, Result<(), SyncError>)> {
         Box::pin(async move {
             let (Some(js), Ok(_)) = (&self.js, self.connected()) else {
+                self.in_flight.clear();
                 return (
                     None,
                     Err(SyncError::NotConnected {
@@ -516,27 +523,18 @@ impl Transport for Nats {
                     }),
                 );
             };
-            let fail = |seq: u64, reason: String| SyncError::Publish {
-                what: format!("outbox record {seq}"),
-                reason,
-            };
             // A sliding window: at most `window` records unacknowledged. The client holds
             // one permit per unawaited ack, so acks are awaited as the window fills (holding
             // more futures than permits would block the next publish for good).
-            let mut pending: std::collections::VecDeque<(
-                u64,
-                jetstream::context::PublishAckFuture,
-            )> = std::collections::VecDeque::with_capacity(self.window);
             let mut acked = None;
             let mut error = None;
             for (seq, r) in records {
-                if pending.len() >= self.window
-                    && let Some((s, ack)) = pending.pop_front()
-                {
-                    match ack.await {
-                        Ok(_) => acked = Some(s),
+                if self.in_flight.len() >= self.window {
+                    match settle_oldest(&mut self.in_flight).await {
+                        Ok(Some(s)) => acked = Some(s),
+                        Ok(None) => {}
                         Err(e) => {
-                            error = Some(fail(s, e.to_string()));
+                            error = Some(e);
                             break;
                         }
                     }
@@ -550,26 +548,36 @@ impl Transport for Nats {
                     .send_publish(subjects::telemetry(&self.device, &r.stream), message)
                     .await
                 {
-                    Ok(ack) => pending.push_back((*seq, ack)),
+                    Ok(ack) => self.in_flight.push_back((*seq, ack)),
                     Err(e) => {
-                        error = Some(fail(*seq, e.to_string()));
+                        error = Some(publish_failed(*seq, e.to_string()));
                         break;
                     }
                 }
             }
-            // Acks arrive in order; the acknowledged prefix ends at the first failure.
-            if error.is_none() {
-                for (seq, ack) in pending {
-                    match ack.await {
-                        Ok(_) => acked = Some(seq),
-                        Err(e) => {
-                            error = Some(fail(seq, e.to_string()));
-                            break;
-                        }
+            if error.is_some() {
+                // Nothing after the failure counts: the next connection resends from the
+                // oldest record in the outbox.
+                self.in_flight.clear();
+            }
+            (acked, error.map_or(Ok(()), Err))
+        })
+    }
+
+    fn flush(&mut self) -> BoxFuture<'_, (Option<u64>, Result<(), SyncError>)> {
+        Box::pin(async move {
+            let mut acked = None;
+            while !self.in_flight.is_empty() {
+                match settle_oldest(&mut self.in_flight).await {
+                    Ok(Some(s)) => acked = Some(s),
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.in_flight.clear();
+                        return (acked, Err(e));
                     }
                 }
             }
-            (acked, error.map_or(Ok(()), Err))
+            (acked, Ok(()))
         })
     }
 
@@ -785,5 +793,26 @@ impl Transport for Nats {
                 })
                 .boxed())
         })
+    }
+}
+
+/// Waits for the oldest record in flight to be acknowledged; its sequence number, or the
+/// error (acks arrive in order: the acknowledged prefix ends there).
+async fn settle_oldest(
+    in_flight: &mut VecDeque<(u64, jetstream::context::PublishAckFuture)>,
+) -> Result<Option<u64>, SyncError> {
+    let Some((seq, ack)) = in_flight.pop_front() else {
+        return Ok(None);
+    };
+    match ack.await {
+        Ok(_) => Ok(Some(seq)),
+        Err(e) => Err(publish_failed(seq, e.to_string())),
+    }
+}
+
+fn publish_failed(seq: u64, reason: String) -> SyncError {
+    SyncError::Publish {
+        what: format!("outbox record {seq}"),
+        reason,
     }
 }
