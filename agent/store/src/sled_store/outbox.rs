@@ -605,8 +605,7 @@ impl Shared {
     /// Returns the new head, which is `through` unless the limit stopped it earlier.
     fn remove_through(&self, state: &mut State, through: u64, limit: usize) -> sled::Result<u64> {
         let mut head = through;
-        let mut removed = 0;
-        for item in self.tree.iter() {
+        for (removed, item) in self.tree.iter().enumerate() {
             let (key, value) = item?;
             let Ok(first) = seq_of(&key) else { break };
             if first > through {
@@ -629,7 +628,6 @@ impl Shared {
                 break;
             }
             self.tree.remove(key)?;
-            removed += 1;
         }
         let head = head.max(state.head);
         state.head = head;
