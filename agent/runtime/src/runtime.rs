@@ -124,11 +124,17 @@ pub enum Call {
 
 impl Call {
     fn describe(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Call::Start => "on-start".into(),
-            Call::Tick => "on-tick".into(),
-            Call::Message { subject, .. } => format!("on-message `{subject}`"),
-            Call::Gpio { line, high } => format!("on-edge `{line}` high={high}"),
+            Call::Start => f.write_str("on-start"),
+            Call::Tick => f.write_str("on-tick"),
+            Call::Message { subject, .. } => write!(f, "on-message `{subject}`"),
+            Call::Gpio { line, high } => write!(f, "on-edge `{line}` high={high}"),
         }
     }
 }
@@ -677,17 +683,25 @@ impl Runtime {
             }
             _ => r.end_instance(store),
         }
-        self.finish(r, &call.describe(), &outcome, started);
+        self.finish(r, &call, &outcome, started);
         outcome
     }
 
-    fn finish(&self, r: &Running, what: &str, outcome: &Outcome, started: Instant) {
+    /// Logs and records an invocation's outcome. `what` is formatted only when something is
+    /// logged: a message call's description would be an allocation on every message's path.
+    fn finish(
+        &self,
+        r: &Running,
+        what: &dyn std::fmt::Display,
+        outcome: &Outcome,
+        started: Instant,
+    ) {
         let name = r.name();
         let us = started.elapsed().as_micros() as u64;
         match outcome {
-            Outcome::Ok => tracing::debug!(component = name, call = what, us, "invocation ok"),
+            Outcome::Ok => tracing::debug!(component = name, call = %what, us, "invocation ok"),
             Outcome::GuestError(msg) => {
-                tracing::warn!(component = name, call = what, error = %msg, "invocation returned an error");
+                tracing::warn!(component = name, call = %what, error = %msg, "invocation returned an error");
                 r.ctx.log.push(
                     LogLevel::Warn,
                     "agent",
@@ -695,7 +709,7 @@ impl Runtime {
                 );
             }
             Outcome::Crash(msg) => {
-                tracing::warn!(component = name, call = what, error = %msg, "invocation crashed; instance dropped");
+                tracing::warn!(component = name, call = %what, error = %msg, "invocation crashed; instance dropped");
                 r.ctx
                     .log
                     .push(LogLevel::Error, "agent", format!("{what} crashed: {msg}"));
@@ -808,7 +822,7 @@ impl Runtime {
             };
             run.end_instance(store);
             let outcome = classify(result.map(|r| r.map(Ok)), run.limits.timeout);
-            rt.finish(&run, "http handle", &outcome, started);
+            rt.finish(&run, &"http handle", &outcome, started);
             outcome
         });
         match rx.await {
