@@ -510,19 +510,8 @@ impl Transport for Mqtt {
             // Hand each record to the event loop (it sends them as its in-flight window
             // allows) and take the PUBACKs in order as they come; those still due stay in
             // flight for the next call.
-            let mut acked = None;
-            let mut stopped: Option<(u64, AckError)> = None;
-            let mut settle = |outcome: Option<(u64, Result<(), AckError>)>| match outcome {
-                Some((seq, Ok(()))) => {
-                    acked = Some(seq);
-                    true
-                }
-                Some((seq, Err(e))) => {
-                    stopped = Some((seq, e));
-                    false
-                }
-                None => false,
-            };
+            let mut prefix = Prefix::default();
+            let mut settle = |outcome| prefix.settle(outcome);
             'records: for (seq, r) in records {
                 while in_flight.len() >= self.window {
                     if !settle(settle_oldest(session, &mut in_flight, true).await) {
@@ -558,7 +547,7 @@ impl Transport for Mqtt {
             }
             // What is acknowledged already counts now, without waiting for the rest.
             while settle(settle_oldest(session, &mut in_flight, false).await) {}
-            self.finish_publish(in_flight, acked, stopped)
+            self.finish_publish(in_flight, prefix.acked, prefix.stopped)
         })
     }
 
@@ -1089,6 +1078,36 @@ impl Session {
     }
 }
 
+/// The acknowledged prefix of the records in flight, settled oldest first: it ends at the
+/// first failure, and nothing acknowledged after that counts.
+#[derive(Debug, Default)]
+struct Prefix {
+    /// The last record of the prefix.
+    acked: Option<u64>,
+    /// The record that ended it, and why.
+    stopped: Option<(u64, AckError)>,
+}
+
+impl Prefix {
+    /// Takes the next outcome (`None`: nothing settled); returns whether to go on.
+    fn settle(&mut self, outcome: Option<(u64, Result<(), AckError>)>) -> bool {
+        if self.stopped.is_some() {
+            return false;
+        }
+        match outcome {
+            Some((seq, Ok(()))) => {
+                self.acked = Some(seq);
+                true
+            }
+            Some((seq, Err(e))) => {
+                self.stopped = Some((seq, e));
+                false
+            }
+            None => false,
+        }
+    }
+}
+
 /// The oldest record in flight with its acknowledgement: waiting for it (`wait`), or only
 /// when it has arrived already. `None` when nothing is in flight (or, not waiting, the
 /// oldest is still due).
@@ -1284,6 +1303,23 @@ fn command_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_acknowledged_prefix_ends_at_the_first_refusal() {
+        let mut prefix = Prefix::default();
+        assert!(prefix.settle(Some((5, Ok(())))));
+        assert!(prefix.settle(Some((6, Ok(())))));
+        assert!(!prefix.settle(Some((7, Err(AckError::Refused("not authorized".into()))))));
+        // A later acknowledgement (another stream the broker allows) does not move it.
+        assert!(!prefix.settle(Some((8, Ok(())))));
+        assert!(!prefix.settle(None));
+        assert_eq!(prefix.acked, Some(6));
+        assert!(matches!(prefix.stopped, Some((7, AckError::Refused(_)))));
+
+        let mut idle = Prefix::default();
+        assert!(!idle.settle(None));
+        assert_eq!((idle.acked, idle.stopped.is_none()), (None, true));
+    }
 
     #[test]
     fn topics_are_the_subject_tree_with_slashes() {
