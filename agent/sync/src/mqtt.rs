@@ -428,8 +428,6 @@ impl Mqtt {
         }
     }
 
-    /// Ends the session because of `reason`: the connection closes without DISCONNECT, so
-    /// the broker publishes the last will; the next `connect` opens a fresh one.
     /// [`Self::connected`], mutably (to take the session's feeds).
     fn connected_mut(&mut self) -> Result<&mut Session, SyncError> {
         self.connected()?;
@@ -445,8 +443,7 @@ impl Mqtt {
     fn finish_publish(
         &mut self,
         in_flight: VecDeque<(u64, AckReceiver)>,
-        acked: Option<u64>,
-        stopped: Option<(u64, AckError)>,
+        Prefix { acked, stopped }: Prefix,
     ) -> (Option<u64>, Result<(), SyncError>) {
         let fail = |seq: u64, reason: String| SyncError::Publish {
             what: format!("outbox record {seq} to {}", self.url),
@@ -467,6 +464,8 @@ impl Mqtt {
         }
     }
 
+    /// Ends the session because of `reason`: the connection closes without DISCONNECT, so
+    /// the broker publishes the last will; the next `connect` opens a fresh one.
     fn end_session(&mut self, reason: &str) {
         if self.session.take().is_some() {
             tracing::warn!(url = %self.url, %reason, "mqtt connection given up");
@@ -511,10 +510,9 @@ impl Transport for Mqtt {
             // allows) and take the PUBACKs in order as they come; those still due stay in
             // flight for the next call.
             let mut prefix = Prefix::default();
-            let mut settle = |outcome| prefix.settle(outcome);
             'records: for (seq, r) in records {
                 while in_flight.len() >= self.window {
-                    if !settle(settle_oldest(session, &mut in_flight, true).await) {
+                    if !prefix.settle(settle_oldest(session, &mut in_flight, true).await) {
                         break 'records;
                     }
                 }
@@ -540,14 +538,14 @@ impl Transport for Mqtt {
                 match sent {
                     Ok(ack) => in_flight.push_back((*seq, ack)),
                     Err(reason) => {
-                        settle(Some((*seq, Err(AckError::Lost(reason)))));
+                        prefix.settle(Some((*seq, Err(AckError::Lost(reason)))));
                         break;
                     }
                 }
             }
             // What is acknowledged already counts now, without waiting for the rest.
-            while settle(settle_oldest(session, &mut in_flight, false).await) {}
-            self.finish_publish(in_flight, prefix.acked, prefix.stopped)
+            while prefix.settle(settle_oldest(session, &mut in_flight, false).await) {}
+            self.finish_publish(in_flight, prefix)
         })
     }
 
@@ -558,18 +556,9 @@ impl Transport for Mqtt {
                 Ok(s) => s,
                 Err(e) => return (None, Err(e)),
             };
-            let mut acked = None;
-            let mut stopped = None;
-            while let Some((seq, result)) = settle_oldest(session, &mut in_flight, true).await {
-                match result {
-                    Ok(()) => acked = Some(seq),
-                    Err(e) => {
-                        stopped = Some((seq, e));
-                        break;
-                    }
-                }
-            }
-            self.finish_publish(in_flight, acked, stopped)
+            let mut prefix = Prefix::default();
+            while prefix.settle(settle_oldest(session, &mut in_flight, true).await) {}
+            self.finish_publish(in_flight, prefix)
         })
     }
 
