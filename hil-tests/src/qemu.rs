@@ -139,6 +139,11 @@ pub struct Machine {
     /// The agent's API base URL.
     base: String,
     console: PathBuf,
+    /// The serial port's input: a Unix socket QEMU listens on (its output is also logged to
+    /// `console`).
+    console_in: PathBuf,
+    /// Commands run on the console so far (numbers their end markers).
+    console_runs: u32,
     qmp: PathBuf,
     _dir: tempfile::TempDir,
     http: reqwest::blocking::Client,
@@ -151,6 +156,7 @@ impl Machine {
         let (qemu, firmware) = qemu_binary(&spec.arch)?;
         let dir = tempfile::tempdir()?;
         let console = dir.path().join("console.log");
+        let console_in = dir.path().join("console.sock");
         let qmp = dir.path().join("qmp.sock");
         let port = perch_tests::free_port();
         let mut cmd = Command::new(&qemu);
@@ -198,7 +204,17 @@ impl Machine {
                 ),
             ])
             .args(["-device", "virtio-net-pci,netdev=net0,romfile="])
-            .args(["-serial", &format!("file:{}", console.display())])
+            // The serial console: written to a log file the tests read, and a socket that
+            // takes input (`Machine::console`). Unconnected, QEMU logs and drops output.
+            .args([
+                "-chardev",
+                &format!(
+                    "socket,id=serial0,path={},server=on,wait=off,logfile={}",
+                    console_in.display(),
+                    console.display()
+                ),
+            ])
+            .args(["-serial", "chardev:serial0"])
             .args(["-monitor", "none"])
             .args([
                 "-qmp",
@@ -215,6 +231,8 @@ impl Machine {
             spec: Some(spec.clone()),
             base: format!("http://127.0.0.1:{port}"),
             console,
+            console_in,
+            console_runs: 0,
             qmp,
             _dir: dir,
             http: reqwest::blocking::Client::builder()
@@ -233,6 +251,8 @@ impl Machine {
             spec: None,
             base: format!("http://{target}"),
             console: dir.path().join("console.log"),
+            console_in: dir.path().join("console.sock"),
+            console_runs: 0,
             qmp: dir.path().join("qmp.sock"),
             _dir: dir,
             http: reqwest::blocking::Client::builder()
@@ -382,6 +402,46 @@ impl Machine {
         }
     }
 
+    /// Runs `command` in the root shell on the guest's serial console (boards with
+    /// `console-shell = true`) and returns what it printed; fails with the console tail if
+    /// it exits non-zero or does not finish within `timeout`.
+    pub fn console(&mut self, command: &str, timeout: Duration) -> Result<String> {
+        use std::io::Write;
+        if !self.emulated() {
+            bail!("a real board's console cannot be reached from here (`{command}`)");
+        }
+        self.console_runs += 1;
+        let marker = format!("@@perch-done-{}:", self.console_runs);
+        let start = std::fs::metadata(&self.console).map_or(0, |m| m.len() as usize);
+        {
+            let mut s = std::os::unix::net::UnixStream::connect(&self.console_in)
+                .with_context(|| format!("connecting to the console at {}", self.console_in.display()))?;
+            // The marker's echo (the shell echoes input) shows `$?`, its output the status.
+            writeln!(s, "{command}; echo {marker}$?@@")?;
+            s.flush()?;
+            // Closed at once: output goes on to the log, which is what is read.
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read(&self.console).unwrap_or_default();
+            let text = String::from_utf8_lossy(log.get(start..).unwrap_or_default()).into_owned();
+            if let Some((status, output)) = console_result(&text, &marker) {
+                if status != 0 {
+                    return Err(self.failed(&format!(
+                        "`{command}` on the console exited with {status}:\n{output}"
+                    )));
+                }
+                return Ok(output);
+            }
+            if Instant::now() > deadline {
+                return Err(self.failed(&format!(
+                    "`{command}` on the console did not finish within {timeout:?} (is `console-shell` on?)"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Runs a QMP command (QEMU's machine protocol) and returns its `return` value: how a
     /// test sets emulated hardware, e.g. `qom-set` of a sensor's temperature.
     pub fn qmp(&self, execute: &str, arguments: Value) -> Result<Value> {
@@ -456,7 +516,52 @@ impl Drop for Machine {
     }
 }
 
+/// The exit status and output of a console command, from the console text after it was
+/// sent: the lines between the command's echo and the line `<marker><status>@@`.
+fn console_result(text: &str, marker: &str) -> Option<(i32, String)> {
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let end = lines.iter().position(|l| {
+        l.strip_prefix(marker)
+            .and_then(|r| r.strip_suffix("@@"))
+            .is_some_and(|n| n.parse::<i32>().is_ok())
+    })?;
+    let status = lines[end][marker.len()..lines[end].len() - 2].parse().ok()?;
+    let echo = lines[..end]
+        .iter()
+        .rposition(|l| l.contains(&format!("{marker}$?@@")))
+        .map_or(0, |i| i + 1);
+    Some((status, lines[echo..end].join("\n")))
+}
+
 /// Whether `path` exists (for skipping messages).
 pub fn exists(path: &Path) -> bool {
     path.exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::console_result;
+
+    #[test]
+    fn a_console_command_is_read_between_its_echo_and_its_marker() {
+        let text = "[  5.1] kernel line\r\n/ # i2cget -y 1 0x48 0 w; echo @@perch-done-3:$?@@\r\n0x8017\r\n@@perch-done-3:0@@\r\n/ # ";
+        assert_eq!(
+            console_result(text, "@@perch-done-3:"),
+            Some((0, "0x8017".to_string()))
+        );
+        let failed = "/ # false; echo @@perch-done-4:$?@@\r\n@@perch-done-4:1@@\r\n";
+        assert_eq!(
+            console_result(failed, "@@perch-done-4:"),
+            Some((1, String::new()))
+        );
+        // Only the echo so far (or another command's marker): not finished.
+        assert_eq!(
+            console_result("/ # true; echo @@perch-done-5:$?@@\r\n", "@@perch-done-5:"),
+            None
+        );
+        assert_eq!(
+            console_result("@@perch-done-15:0@@\n", "@@perch-done-1:"),
+            None
+        );
+    }
 }

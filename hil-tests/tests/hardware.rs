@@ -1,10 +1,11 @@
 //! A first boot with no network runs the components the image ships, and they reach the
 //! board's real kernel drivers through the providers: on QEMU's aarch64 `virt` the `fan`
 //! and `led` lines are the PL061 GPIO controller's (written through the character-device
-//! uAPI, read back through the driver). A board whose QEMU emulates a TMP105 (`tmp105,id=tmp0`
-//! in `qemu-devices`) has its I2C sensors read through i2c-dev at temperatures the test sets
-//! over QMP; Debian 12's QEMU builds that model only for ARM machines, whose `virt` has no
-//! I2C bus, so no board here has one yet.
+//! uAPI, read back through the driver). On `qemu-x86_64` the sensors are a simulated SMBus
+//! chip (the kernel's `i2c_stub`, as no QEMU for x86 models an I2C sensor) read through the
+//! real lm75 hwmon driver and through i2c-dev, at temperatures the test writes into the
+//! chip's registers from the console shell. (A sensor QEMU itself modelled would be set with
+//! `Machine::qmp`, e.g. `qom-set` of a `tmp105`'s `temperature`.)
 //!
 //! `PERCH_HIL_BOARD` picks the board (default `qemu-aarch64-virt`).
 
@@ -13,10 +14,51 @@ use std::time::Duration;
 use perch_core::board::{BoardConfig, LineSource, SensorSource};
 use perch_hil::{Machine, image};
 use perch_tests::{artifact, examples, repo_root};
-use serde_json::json;
+use anyhow::Context;
 
 fn board() -> String {
     std::env::var("PERCH_HIL_BOARD").unwrap_or_else(|_| "qemu-aarch64-virt".into())
+}
+
+/// Sensors on the kernel's simulated SMBus chips (`i2c_stub chip_addr=...` in the board's
+/// modules), with the chip's address: the hwmon devices of drivers the board binds to a chip
+/// on the stub's adapter, and I2C register sources at a chip's address.
+fn stub_sensors(config: &BoardConfig) -> Vec<(String, u16)> {
+    let Some(addresses) = config.image.module_params.get("i2c_stub").map(|params| {
+        params
+            .iter()
+            .filter_map(|p| p.strip_prefix("chip_addr="))
+            .flat_map(|list| list.split(','))
+            .filter_map(|a| u16::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+            .collect::<Vec<u16>>()
+    }) else {
+        return Vec::new();
+    };
+    config
+        .sensors
+        .iter()
+        .filter_map(|(name, source)| {
+            let address = match source {
+                SensorSource::Hwmon { name: driver, .. } => config
+                    .image
+                    .i2c_devices
+                    .iter()
+                    .find(|d| d.adapter == "SMBus stub driver" && &d.driver == driver)
+                    .map(|d| d.address),
+                SensorSource::I2c { address, .. } => Some(*address),
+                _ => None,
+            }?;
+            addresses.contains(&address).then(|| (name.clone(), address))
+        })
+        .collect()
+}
+
+/// The word to store in an i2c-stub register so that a TMP105/LM75 temperature register
+/// reads `millis`: the register is big-endian (1/256 °C per bit), an SMBus word is sent
+/// low byte first, so the stub holds it byte-swapped.
+fn stub_word(millis: i32) -> u16 {
+    let raw = (millis * 256 / 1000) as i16 as u16;
+    raw.swap_bytes()
 }
 
 /// The `hw-echo` telemetry records, oldest first, as (sequence, payload).
@@ -66,22 +108,8 @@ fn preloaded_components_run_offline_and_reach_the_boards_drivers() -> anyhow::Re
         .filter(|(_, l)| matches!(l.source, LineSource::Chip { .. }))
         .map(|(n, _)| n.clone())
         .collect();
-    // Sensors QEMU emulates as I2C devices the test can set (a TMP105).
-    let i2c_sensors: Vec<String> = if config
-        .image
-        .qemu_devices
-        .iter()
-        .any(|d| d.starts_with("tmp105,id=tmp0"))
-    {
-        config
-            .sensors
-            .iter()
-            .filter(|(_, s)| matches!(s, SensorSource::I2c { .. }))
-            .map(|(n, _)| n.clone())
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let settable = stub_sensors(&config);
+    let i2c_sensors: Vec<String> = settable.iter().map(|(n, _)| n.clone()).collect();
     // Granted exactly what this board has (a grant of hardware the board lacks is refused).
     let echo = artifact(
         examples::HW_ECHO,
@@ -132,21 +160,34 @@ fn preloaded_components_run_offline_and_reach_the_boards_drivers() -> anyhow::Re
             assert_eq!(got, format!("{line} wrote={level} read={level}"));
         }
     }
-    // The TMP105 powers up at 9-bit resolution (0.5 °C), so the values are halves.
-    let i2c_sensors = if m.emulated() {
-        i2c_sensors
-    } else {
-        Vec::new()
-    };
-    for sensor in &i2c_sensors {
-        for millis in [23_500, -5_500, 31_000] {
-            m.qmp(
-                "qom-set",
-                json!({"path": "/machine/peripheral/tmp0", "property": "temperature", "value": millis}),
-            )?;
-            count += 1;
-            let got = ask(&mut m, &format!("sensor {sensor}"), &mut seen)?;
-            assert_eq!(got, format!("{sensor}={} °C", millis as f64 / 1000.0));
+    let settable = if m.emulated() { settable } else { Vec::new() };
+    if !settable.is_empty() {
+        // The simulated chip's adapter number, as the kernel gave it.
+        let bus = m.console(
+            "grep -l 'SMBus stub driver' /sys/bus/i2c/devices/i2c-*/name",
+            Duration::from_secs(30),
+        )?;
+        let bus: u32 = bus
+            .trim()
+            .strip_prefix("/sys/bus/i2c/devices/i2c-")
+            .and_then(|r| r.strip_suffix("/name"))
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no i2c-stub adapter in `{bus}`"))?;
+        // Halves and whole degrees: exact at both the TMP105 driver's 1/16 °C and the
+        // register source's 1/256 °C.
+        for millis in [23_500i32, -5_500, 31_000] {
+            for (sensor, address) in &settable {
+                m.console(
+                    &format!(
+                        "i2cset -y {bus} {address:#04x} 0 {:#06x} w",
+                        stub_word(millis)
+                    ),
+                    Duration::from_secs(30),
+                )?;
+                count += 1;
+                let got = ask(&mut m, &format!("sensor {sensor}"), &mut seen)?;
+                assert_eq!(got, format!("{sensor}={} °C", f64::from(millis) / 1000.0));
+            }
         }
     }
     eprintln!(

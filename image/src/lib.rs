@@ -145,6 +145,20 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
         &modules::builtin(&modules_root),
     )?;
 
+    let loaded: Vec<String> = module_names(&mods)?
+        .iter()
+        .map(|m| m.replace('-', "_"))
+        .collect();
+    for name in board.image.module_params.keys() {
+        if !loaded.contains(&name.replace('-', "_")) {
+            bail!(
+                "module `{name}` has parameters in the board config but is built into the \
+                 kernel, so /init cannot pass them: put `{name}.<param>=<value>` on the kernel \
+                 command line instead"
+            );
+        }
+    }
+
     step("busybox");
     let bb_deb = debs::fetch(pick("busybox-static")?, &cache)?;
     let bbdir = work.join("busybox");
@@ -162,7 +176,7 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
         .disk
         .clone()
         .unwrap_or_else(|| "/dev/vda".into());
-    let init = init_script(&disk_dev, &module_names(&mods)?);
+    let init = init_script(&disk_dev, &module_names(&mods)?, &board.image);
     write_initramfs(
         &initrd,
         &busybox,
@@ -294,13 +308,43 @@ fn step(what: &str) {
     eprintln!("image: {what}");
 }
 
-/// The `/init` of the image: mounts, loads modules, mounts the data partition (`<disk>4`)
-/// at `/var/lib/perch` and the boot partition (`<disk>1`) at `/boot`, brings up the network
-/// (QEMU user networking's fixed addresses), and runs perchd again whenever it exits. On a
-/// trial boot (`perch.trial=1` on the kernel command line) it also keeps the A/B promise:
-/// a slot that has not committed within `perch.trial_timeout` seconds (default
+/// The `/init` of the image: mounts, loads modules (with the board's parameters),
+/// instantiates the board's `i2c-devices`, mounts the data partition (`<disk>4`) at
+/// `/var/lib/perch` and the boot partition (`<disk>1`) at `/boot`, brings up the network
+/// (QEMU user networking's fixed addresses), starts a root shell on the console if the board
+/// asks for one (`console-shell`, for HIL tests), and runs perchd again whenever it exits.
+/// On a trial boot (`perch.trial=1` on the kernel command line) it also keeps the A/B
+/// promise: a slot that has not committed within `perch.trial_timeout` seconds (default
 /// [`TRIAL_TIMEOUT_S`]) reboots, and the bootloader falls back to the previous slot.
-pub fn init_script(disk: &str, modules: &[String]) -> String {
+///
+/// `modules` are the module files' names in load order (`i2c-stub`); `image` gives their
+/// parameters (keyed by module name, where `-` and `_` are the same) and the rest. Board
+/// configs are validated so that nothing in them needs quoting here.
+pub fn init_script(disk: &str, modules: &[String], image: &perch_core::board::ImageSpec) -> String {
+    let canonical = |m: &str| m.replace('-', "_");
+    let mut load = String::new();
+    for m in modules {
+        let params = image
+            .module_params
+            .iter()
+            .find(|(name, _)| canonical(name) == canonical(m))
+            .map(|(_, p)| format!(" {}", p.join(" ")))
+            .unwrap_or_default();
+        load.push_str(&format!(
+            "insmod /lib/modules/{m}.ko{params} || echo \"perch-init: module {m} failed\"\n"
+        ));
+    }
+    for d in &image.i2c_devices {
+        load.push_str(&format!(
+            "i2c_new_device '{}' {} {:#04x}\n",
+            d.adapter, d.driver, d.address
+        ));
+    }
+    let shell = if image.console_shell {
+        "echo \"perch-init: root shell on the console\"\n(while true; do setsid cttyhack sh; sleep 1; done) &\n"
+    } else {
+        ""
+    };
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -308,9 +352,17 @@ export PATH=/bin:/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# An I2C device no firmware table describes, on the adapter named $1: driver $2, address $3.
+i2c_new_device() {{
+  for a in /sys/bus/i2c/devices/i2c-*; do
+    if [ "$(cat "$a/name" 2>/dev/null)" = "$1" ]; then
+      echo "$2 $3" > "$a/new_device" && echo "perch-init: $2 at $3 on ${{a##*/}} ($1)" && return 0
+    fi
+  done
+  echo "perch-init: no I2C adapter named '$1' for $2 at $3"
+}}
 echo "perch-init: loading modules"
-for m in {modules}; do insmod /lib/modules/$m.ko || echo "perch-init: module $m failed"; done
-mkdir -p /var/lib/perch /tmp /boot
+{load}mkdir -p /var/lib/perch /tmp /boot
 slot=a
 trial=0
 timeout={timeout}
@@ -347,7 +399,7 @@ if ip link set eth0 up 2>/dev/null; then
   ip addr add 10.0.2.15/24 dev eth0
   ip route add default via 10.0.2.2
 fi
-cd /var/lib/perch
+{shell}cd /var/lib/perch
 n=0
 while true; do
   n=$((n+1))
@@ -357,7 +409,6 @@ while true; do
   sleep 1
 done
 "#,
-        modules = modules.join(" "),
         timeout = TRIAL_TIMEOUT_S,
         data = perch_core::board::partition(disk, 4),
         boot = perch_core::board::partition(disk, 1),

@@ -102,14 +102,37 @@ pub struct ImageSpec {
     /// Emulated devices QEMU adds for the board's hardware (`-device` arguments, e.g. a
     /// `tmp105` on the SMBus).
     pub qemu_devices: Vec<String>,
-    /// Kernel modules to load at boot.
+    /// Kernel modules to load at boot, by name, in this order (after what they need).
     pub modules: Vec<String>,
+    /// Parameters of modules in `modules`, as written after the name (`"i2c_stub
+    /// chip_addr=0x48"` gives `i2c_stub` -> `["chip_addr=0x48"]`).
+    pub module_params: BTreeMap<String, Vec<String>>,
+    /// I2C devices the kernel cannot discover (no device tree or ACPI entry), instantiated at
+    /// boot on the adapter with the given name.
+    pub i2c_devices: Vec<I2cDevice>,
+    /// A root shell on the serial console, for hardware-in-the-loop tests that set up the
+    /// guest from outside. Off unless the board says so; production boards leave it off.
+    pub console_shell: bool,
     /// The block device the image is flashed to (`/dev/vda`, `/dev/mmcblk0`); its
     /// partitions are `<disk>1`..`<disk>4` (`p1`.. when the name ends in a digit).
     pub disk: Option<String>,
     /// How the board boots the image's A/B slots: `u-boot` (a boot script in the boot
     /// partition) or `direct` (the loader is given the slot's kernel, as QEMU's `-kernel`).
     pub bootloader: Option<String>,
+}
+
+/// An I2C device the image's `/init` instantiates (`echo <driver> <address> >
+/// /sys/bus/i2c/devices/i2c-N/new_device` on the adapter whose `name` is `adapter`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct I2cDevice {
+    /// The adapter's `name` in sysfs (`SMBus I801 adapter at f000`, `SMBus stub driver`):
+    /// stable across boots where adapter numbers are not.
+    pub adapter: String,
+    /// The kernel driver's device name (`tmp105`, `lm75`, `bme280`).
+    pub driver: String,
+    /// 7-bit address.
+    pub address: u16,
 }
 
 /// The device of partition `n` of `disk`: `/dev/vda` 2 -> `/dev/vda2`, `/dev/mmcblk0` 2 ->
@@ -165,6 +188,8 @@ const TOP_KEYS: &[&str] = &[
     "qemu-machine",
     "qemu-devices",
     "modules",
+    "i2c-devices",
+    "console-shell",
     "disk",
     "bootloader",
     "gpio",
@@ -343,7 +368,32 @@ impl BoardConfig {
         board.image.kernel = root.take::<String>("kernel");
         board.image.qemu_machine = root.take::<String>("qemu-machine");
         board.image.qemu_devices = root.take::<Vec<String>>("qemu-devices").unwrap_or_default();
-        board.image.modules = root.take::<Vec<String>>("modules").unwrap_or_default();
+        for (i, entry) in root
+            .take::<Vec<String>>("modules")
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            match parse_module(&entry) {
+                Ok((name, params)) => {
+                    if !params.is_empty() {
+                        board.image.module_params.insert(name.clone(), params);
+                    }
+                    board.image.modules.push(name);
+                }
+                Err(e) => root.problem(&format!("modules[{i}]"), e),
+            }
+        }
+        if let Some(devices) = root.take::<Vec<toml::Table>>("i2c-devices") {
+            for (i, table) in devices.into_iter().enumerate() {
+                let key = format!("i2c-devices[{i}]");
+                match parse_i2c_device(table) {
+                    Ok(d) => board.image.i2c_devices.push(d),
+                    Err(e) => root.problem(&key, e),
+                }
+            }
+        }
+        board.image.console_shell = root.take::<bool>("console-shell").unwrap_or(false);
         board.image.disk = root.take::<String>("disk");
         if let Some(d) = &board.image.disk
             && !d.starts_with("/dev/")
@@ -388,6 +438,79 @@ impl BoardConfig {
             Err(problems)
         }
     }
+}
+
+/// A `modules` entry: a module name, then its parameters (`key=value`), as in
+/// `/etc/modules`. Both end up in the image's `/init`, so only characters that need no
+/// quoting in a shell are accepted.
+fn parse_module(entry: &str) -> Result<(String, Vec<String>), String> {
+    let mut words = entry.split_whitespace();
+    let name = words
+        .next()
+        .ok_or_else(|| "empty: write a module name, e.g. `\"i2c_dev\"`".to_string())?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "`{name}` is not a module name (letters, digits, `_` and `-`)"
+        ));
+    }
+    let mut params = Vec::new();
+    for p in words {
+        let ok = p.split_once('=').is_some_and(|(k, v)| {
+            !k.is_empty()
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.,:/+-".contains(c))
+        });
+        if !ok {
+            return Err(format!(
+                "`{p}` is not a module parameter: write `name=value` (value of letters, digits and `_.,:/+-`), e.g. `\"{name} chip_addr=0x48\"`"
+            ));
+        }
+        params.push(p.to_string());
+    }
+    Ok((name.to_string(), params))
+}
+
+/// An `i2c-devices` entry: `{ adapter = "SMBus stub driver", driver = "tmp105", address =
+/// 0x48 }`.
+fn parse_i2c_device(mut t: toml::Table) -> Result<I2cDevice, String> {
+    const EXAMPLE: &str =
+        "write `{ adapter = \"SMBus stub driver\", driver = \"tmp105\", address = 0x48 }`";
+    let adapter = t.remove("adapter").and_then(|v| v.as_str().map(String::from));
+    let driver = t.remove("driver").and_then(|v| v.as_str().map(String::from));
+    let address = t.remove("address").and_then(|v| v.as_integer());
+    if let Some(k) = t.keys().next() {
+        return Err(format!("unknown key `{k}`: {EXAMPLE}"));
+    }
+    let (Some(adapter), Some(driver), Some(address)) = (adapter, driver, address) else {
+        return Err(format!("needs `adapter`, `driver` and `address`: {EXAMPLE}"));
+    };
+    // `/init` compares the adapter's name in single quotes and writes the driver unquoted.
+    if adapter.is_empty() || adapter.contains(['\'', '\\', '\n']) {
+        return Err(format!(
+            "adapter `{adapter}` is not an adapter name (as in /sys/bus/i2c/devices/i2c-N/name)"
+        ));
+    }
+    if driver.is_empty()
+        || !driver
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-,".contains(c))
+    {
+        return Err(format!("`{driver}` is not a driver name, e.g. `tmp105`"));
+    }
+    if !(0x03..=0x77).contains(&address) {
+        return Err(format!(
+            "address {address:#x} is not a 7-bit device address (0x03 to 0x77)"
+        ));
+    }
+    Ok(I2cDevice {
+        adapter,
+        driver,
+        address: address as u16,
+    })
 }
 
 fn parse_line(mut w: Walker<'_>) -> Option<GpioLine> {
@@ -635,6 +758,64 @@ hwmon = { name = "cpu_thermal" }
                 "sensors.room-temp: a sensor has exactly one source of iio, hwmon, w1, i2c, sim, found hwmon, w1",
             ]
         );
+    }
+
+    #[test]
+    fn module_parameters_and_i2c_devices_are_parsed_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = write(
+            dir.path(),
+            "good.toml",
+            r#"
+modules = ["i2c_dev", "i2c_stub chip_addr=0x48,0x49", "lm75"]
+i2c-devices = [{ adapter = "SMBus stub driver", driver = "tmp105", address = 0x48 }]
+console-shell = true
+"#,
+        );
+        let b = BoardConfig::load(&good).expect("valid");
+        assert_eq!(b.image.modules, ["i2c_dev", "i2c_stub", "lm75"]);
+        assert_eq!(
+            b.image.module_params,
+            BTreeMap::from([("i2c_stub".to_string(), vec!["chip_addr=0x48,0x49".to_string()])])
+        );
+        assert_eq!(
+            b.image.i2c_devices,
+            [I2cDevice {
+                adapter: "SMBus stub driver".into(),
+                driver: "tmp105".into(),
+                address: 0x48
+            }]
+        );
+        assert!(b.image.console_shell);
+
+        let bad = write(
+            dir.path(),
+            "bad.toml",
+            r#"
+modules = ["i2c_stub chip_addr=$(reboot)", "lm 75", ""]
+i2c-devices = [
+  { adapter = "x'; reboot; '", driver = "tmp105", address = 0x48 },
+  { adapter = "SMBus stub driver", driver = "tmp105", address = 0x80 },
+  { adapter = "SMBus stub driver", driver = "tmp105" },
+]
+"#,
+        );
+        let e = BoardConfig::load(&bad).expect_err("invalid");
+        let text: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 6, "{text:#?}");
+        for (key, says) in [
+            ("modules[0]", "`chip_addr=$(reboot)` is not a module parameter"),
+            ("modules[1]", "`75` is not a module parameter"),
+            ("modules[2]", "empty"),
+            ("i2c-devices[0]", "is not an adapter name"),
+            ("i2c-devices[1]", "0x80 is not a 7-bit device address"),
+            ("i2c-devices[2]", "needs `adapter`, `driver` and `address`"),
+        ] {
+            assert!(
+                text.iter().any(|t| t.starts_with(&format!("{key}: ")) && t.contains(says)),
+                "no `{key}: ...{says}...` in {text:#?}"
+            );
+        }
     }
 
     #[test]
