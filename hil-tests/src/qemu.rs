@@ -144,6 +144,8 @@ pub struct Machine {
     console_in: PathBuf,
     /// Commands run on the console so far (numbers their end markers).
     console_runs: u32,
+    /// The connection to `console_in`, once a command was sent.
+    console_tx: Option<std::os::unix::net::UnixStream>,
     qmp: PathBuf,
     _dir: tempfile::TempDir,
     http: reqwest::blocking::Client,
@@ -233,6 +235,7 @@ impl Machine {
             console,
             console_in,
             console_runs: 0,
+            console_tx: None,
             qmp,
             _dir: dir,
             http: reqwest::blocking::Client::builder()
@@ -253,6 +256,7 @@ impl Machine {
             console: dir.path().join("console.log"),
             console_in: dir.path().join("console.sock"),
             console_runs: 0,
+            console_tx: None,
             qmp: dir.path().join("qmp.sock"),
             _dir: dir,
             http: reqwest::blocking::Client::builder()
@@ -413,13 +417,21 @@ impl Machine {
         self.console_runs += 1;
         let marker = format!("@@perch-done-{}:", self.console_runs);
         let start = std::fs::metadata(&self.console).map_or(0, |m| m.len() as usize);
-        {
-            let mut s = std::os::unix::net::UnixStream::connect(&self.console_in)
-                .with_context(|| format!("connecting to the console at {}", self.console_in.display()))?;
+        if self.console_tx.is_none() {
+            let s =
+                std::os::unix::net::UnixStream::connect(&self.console_in).with_context(|| {
+                    format!("connecting to the console at {}", self.console_in.display())
+                })?;
+            // Kept open (QEMU drops input still queued when the client goes) and drained,
+            // so the guest never waits on it: what is read is the log.
+            let mut drain = s.try_clone()?;
+            std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
+            self.console_tx = Some(s);
+        }
+        if let Some(s) = &mut self.console_tx {
             // The marker's echo (the shell echoes input) shows `$?`, its output the status.
             writeln!(s, "{command}; echo {marker}$?@@")?;
             s.flush()?;
-            // Closed at once: output goes on to the log, which is what is read.
         }
         let deadline = Instant::now() + timeout;
         loop {
@@ -525,7 +537,9 @@ fn console_result(text: &str, marker: &str) -> Option<(i32, String)> {
             .and_then(|r| r.strip_suffix("@@"))
             .is_some_and(|n| n.parse::<i32>().is_ok())
     })?;
-    let status = lines[end][marker.len()..lines[end].len() - 2].parse().ok()?;
+    let status = lines[end][marker.len()..lines[end].len() - 2]
+        .parse()
+        .ok()?;
     let echo = lines[..end]
         .iter()
         .rposition(|l| l.contains(&format!("{marker}$?@@")))

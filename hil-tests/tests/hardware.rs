@@ -11,10 +11,10 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use perch_core::board::{BoardConfig, LineSource, SensorSource};
 use perch_hil::{Machine, image};
 use perch_tests::{artifact, examples, repo_root};
-use anyhow::Context;
 
 fn board() -> String {
     std::env::var("PERCH_HIL_BOARD").unwrap_or_else(|_| "qemu-aarch64-virt".into())
@@ -48,7 +48,9 @@ fn stub_sensors(config: &BoardConfig) -> Vec<(String, u16)> {
                 SensorSource::I2c { address, .. } => Some(*address),
                 _ => None,
             }?;
-            addresses.contains(&address).then(|| (name.clone(), address))
+            addresses
+                .contains(&address)
+                .then(|| (name.clone(), address))
         })
         .collect()
 }
@@ -168,10 +170,14 @@ fn preloaded_components_run_offline_and_reach_the_boards_drivers() -> anyhow::Re
             Duration::from_secs(30),
         )?;
         let bus: u32 = bus
-            .trim()
-            .strip_prefix("/sys/bus/i2c/devices/i2c-")
-            .and_then(|r| r.strip_suffix("/name"))
-            .and_then(|n| n.parse().ok())
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("/sys/bus/i2c/devices/i2c-")?
+                    .strip_suffix("/name")?
+                    .parse()
+                    .ok()
+            })
             .with_context(|| format!("no i2c-stub adapter in `{bus}`"))?;
         // Halves and whole degrees: exact at both the TMP105 driver's 1/16 °C and the
         // register source's 1/256 °C.
@@ -179,7 +185,7 @@ fn preloaded_components_run_offline_and_reach_the_boards_drivers() -> anyhow::Re
             for (sensor, address) in &settable {
                 m.console(
                     &format!(
-                        "i2cset -y {bus} {address:#04x} 0 {:#06x} w",
+                        "i2cset -f -y {bus} {address:#04x} 0 {:#06x} w",
                         stub_word(millis)
                     ),
                     Duration::from_secs(30),

@@ -341,7 +341,7 @@ pub fn init_script(disk: &str, modules: &[String], image: &perch_core::board::Im
         ));
     }
     let shell = if image.console_shell {
-        "echo \"perch-init: root shell on the console\"\n(while true; do setsid cttyhack sh; sleep 1; done) &\n"
+        "echo \"perch-init: root shell on the console\"\n(while true; do setsid cttyhack sh -c 'stty columns 4096; exec sh'; sleep 1; done) &\n"
     } else {
         ""
     };

@@ -479,14 +479,20 @@ fn parse_module(entry: &str) -> Result<(String, Vec<String>), String> {
 fn parse_i2c_device(mut t: toml::Table) -> Result<I2cDevice, String> {
     const EXAMPLE: &str =
         "write `{ adapter = \"SMBus stub driver\", driver = \"tmp105\", address = 0x48 }`";
-    let adapter = t.remove("adapter").and_then(|v| v.as_str().map(String::from));
-    let driver = t.remove("driver").and_then(|v| v.as_str().map(String::from));
+    let adapter = t
+        .remove("adapter")
+        .and_then(|v| v.as_str().map(String::from));
+    let driver = t
+        .remove("driver")
+        .and_then(|v| v.as_str().map(String::from));
     let address = t.remove("address").and_then(|v| v.as_integer());
     if let Some(k) = t.keys().next() {
         return Err(format!("unknown key `{k}`: {EXAMPLE}"));
     }
     let (Some(adapter), Some(driver), Some(address)) = (adapter, driver, address) else {
-        return Err(format!("needs `adapter`, `driver` and `address`: {EXAMPLE}"));
+        return Err(format!(
+            "needs `adapter`, `driver` and `address`: {EXAMPLE}"
+        ));
     };
     // `/init` compares the adapter's name in single quotes and writes the driver unquoted.
     if adapter.is_empty() || adapter.contains(['\'', '\\', '\n']) {
@@ -776,7 +782,10 @@ console-shell = true
         assert_eq!(b.image.modules, ["i2c_dev", "i2c_stub", "lm75"]);
         assert_eq!(
             b.image.module_params,
-            BTreeMap::from([("i2c_stub".to_string(), vec!["chip_addr=0x48,0x49".to_string()])])
+            BTreeMap::from([(
+                "i2c_stub".to_string(),
+                vec!["chip_addr=0x48,0x49".to_string()]
+            )])
         );
         assert_eq!(
             b.image.i2c_devices,
@@ -804,7 +813,10 @@ i2c-devices = [
         let text: Vec<String> = e.problems.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 6, "{text:#?}");
         for (key, says) in [
-            ("modules[0]", "`chip_addr=$(reboot)` is not a module parameter"),
+            (
+                "modules[0]",
+                "`chip_addr=$(reboot)` is not a module parameter",
+            ),
             ("modules[1]", "`75` is not a module parameter"),
             ("modules[2]", "empty"),
             ("i2c-devices[0]", "is not an adapter name"),
@@ -812,7 +824,8 @@ i2c-devices = [
             ("i2c-devices[2]", "needs `adapter`, `driver` and `address`"),
         ] {
             assert!(
-                text.iter().any(|t| t.starts_with(&format!("{key}: ")) && t.contains(says)),
+                text.iter()
+                    .any(|t| t.starts_with(&format!("{key}: ")) && t.contains(says)),
                 "no `{key}: ...{says}...` in {text:#?}"
             );
         }
