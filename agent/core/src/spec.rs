@@ -286,13 +286,15 @@ fn check_route(route: &str) -> Result<(), String> {
 /// `/`, `+` and `#` are refused too, so every subject is also an MQTT topic (`.` → `/`) and
 /// comes back from the fleet unchanged.
 pub fn check_subject_pattern(subject: &str) -> Result<(), String> {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    for (i, t) in tokens.iter().enumerate() {
+    // One pass, no allocation: every message a component publishes is checked.
+    let mut tokens = subject.split('.').peekable();
+    while let Some(t) = tokens.next() {
+        let last = tokens.peek().is_none();
         let bad = t.is_empty()
             || t.contains(char::is_whitespace)
             || t.contains(['/', '+', '#'])
-            || (t.contains('*') && *t != "*")
-            || (t.contains('>') && (*t != ">" || i + 1 != tokens.len()));
+            || (t.contains('*') && t != "*")
+            || (t.contains('>') && (t != ">" || !last));
         if bad {
             return Err(format!(
                 "message subject `{subject}` is invalid: use `.`-separated tokens without `/`, `+` or `#`, `*` for one token and a final `>` for the rest"
@@ -780,6 +782,24 @@ sensors = ["door"]"#,
         assert!(!subject_matches("a.b", "a.c"));
         assert!(check_subject_pattern("a.>.b").is_err());
         assert!(check_subject_pattern("a.b*").is_err());
+        for ok in ["a", "a.b", "a.*", "a.*.c", "a.>", ">", "*.>", "done.job-1"] {
+            assert!(check_subject_pattern(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a..b",
+            "a.",
+            ".a",
+            "a b",
+            "a.\u{a0}b",
+            "a/b",
+            "a.+",
+            "a.#",
+            "a.>x",
+            ">.a",
+        ] {
+            assert!(check_subject_pattern(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -31,11 +31,17 @@ struct Row {
     goal: String,
 }
 
+/// The pipeline's runs, in the order they run.
+const PIPELINE_MODES: &[&str] = &["native", "fresh", "reuse", "fresh-off"];
+
 struct Args {
     idle_secs: u64,
     launches: usize,
     drain_records: u64,
     pipeline_messages: u64,
+    /// Which pipeline runs: `native`, `fresh`, `reuse`, `fresh-off` (all by default; one
+    /// alone is for profiling it).
+    pipeline_modes: Vec<String>,
     only: Option<String>,
 }
 
@@ -45,6 +51,7 @@ fn parse_args() -> Result<Args> {
         launches: 30,
         drain_records: 1_000_000,
         pipeline_messages: 200_000,
+        pipeline_modes: PIPELINE_MODES.iter().map(|m| m.to_string()).collect(),
         only: None,
     };
     let mut it = std::env::args().skip(1);
@@ -58,9 +65,25 @@ fn parse_args() -> Result<Args> {
             "--pipeline-messages" => {
                 args.pipeline_messages = it.next().context("--pipeline-messages N")?.parse()?
             }
+            "--pipeline-modes" => {
+                let list = it
+                    .next()
+                    .context("--pipeline-modes native,fresh,reuse,fresh-off")?;
+                args.pipeline_modes = list.split(',').map(str::to_string).collect();
+                if let Some(m) = args
+                    .pipeline_modes
+                    .iter()
+                    .find(|m| !PIPELINE_MODES.contains(&m.as_str()))
+                {
+                    bail!(
+                        "`{m}` is not a pipeline mode; expected {}",
+                        PIPELINE_MODES.join(", ")
+                    );
+                }
+            }
             "--only" => args.only = Some(it.next().context("--only NAME")?),
             other => bail!(
-                "unknown argument `{other}`; expected --idle-secs N, --launches N, --drain-records N, --pipeline-messages N, --only NAME"
+                "unknown argument `{other}`; expected --idle-secs N, --launches N, --drain-records N, --pipeline-messages N, --pipeline-modes LIST, --only NAME"
             ),
         }
     }
@@ -1091,16 +1114,19 @@ async fn pipeline_run(
     })
 }
 
-/// Starts an agent with `config` linked to `url` and runs the pipeline through it: the
-/// native handler and instance reuse when `all`, a fresh instance per message always.
+/// Starts an agent with `config` linked to `url` and runs the pipeline through it in each of
+/// `modes` (`native`, `fresh`, `reuse`).
 async fn pipeline_agent(
     url: &str,
     config: AgentConfig,
     relay: &[u8],
     n: u64,
-    all: bool,
+    modes: &[&str],
     results: &mut Vec<(String, PipelineRun)>,
 ) -> Result<()> {
+    if modes.is_empty() {
+        return Ok(());
+    }
     const WINDOW: u64 = 1024;
     let keep = match config.runtime.keep_resident.bytes() {
         0 => "off".to_string(),
@@ -1118,7 +1144,7 @@ async fn pipeline_agent(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let runtime = agent.runtime().clone();
-    if all {
+    if modes.contains(&"native") {
         progress("pipeline: native handler");
         let bus = runtime.bus().clone();
         let (id, mut rx) = bus.subscribe("native", "work.>", perch_runtime::runtime::MESSAGE_QUEUE);
@@ -1137,17 +1163,20 @@ async fn pipeline_agent(
         native.abort();
     }
     let digest = agent.store().put_blob(relay, None)?;
-    let mut modes = vec![(
-        format!("component, fresh instance per message (`keep-resident` {keep})"),
-        1,
-    )];
-    if all {
-        modes.push((
-            "component, instance reuse (`calls-per-instance = 100000`)".into(),
+    let mut runs = Vec::new();
+    if modes.contains(&"fresh") {
+        runs.push((
+            format!("component, fresh instance per message (`keep-resident` {keep})"),
+            1,
+        ));
+    }
+    if modes.contains(&"reuse") {
+        runs.push((
+            "component, instance reuse (`calls-per-instance = 100000`)".to_string(),
             100_000,
         ));
     }
-    for (label, calls) in modes {
+    for (label, calls) in runs {
         progress(&format!("pipeline: {label}"));
         let spec = ComponentSpec {
             name: "relay".into(),
@@ -1175,7 +1204,7 @@ async fn pipeline_agent(
 /// default and off, each in its own agent) and with instance reuse, against a native handler
 /// (a tokio task on the same bus doing what the component does) in the same agent, link
 /// and NATS server.
-fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
+fn bench_pipeline(rows: &mut Vec<Row>, n: u64, modes: &[String]) -> Result<()> {
     use perch_tests::nats::NatsServer;
     let dir = tempfile::tempdir()?;
     let server = NatsServer::standalone(&dir.path().join("nats"), "hub")?;
@@ -1184,6 +1213,17 @@ fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
     let mut results = Vec::new();
     // `keep-resident` at its default (1 MiB) and off.
     for keep_resident in [None, Some("off")] {
+        let want = |m: &'static str| modes.iter().any(|w| w == m).then_some(m);
+        let agent_modes: Vec<&str> = match keep_resident {
+            None => [want("native"), want("fresh"), want("reuse")],
+            Some(_) => [None, want("fresh-off").map(|_| "fresh"), None],
+        }
+        .into_iter()
+        .flatten()
+        .collect();
+        if agent_modes.is_empty() {
+            continue;
+        }
         let runtime = keep_resident.map_or(String::new(), |k| {
             format!("[runtime]\nkeep-resident = \"{k}\"\n")
         });
@@ -1202,11 +1242,14 @@ fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
             config,
             &relay,
             n,
-            keep_resident.is_none(),
+            &agent_modes,
             &mut results,
         ))?;
     }
-    let native = results[0].1.rate;
+    let native = results
+        .iter()
+        .find(|(label, _)| label.starts_with("native"))
+        .map(|(_, run)| run.rate);
     for (label, run) in &results {
         let goal = if label.contains("fresh") {
             ">= 30,000 msg/s lossless, >= 60 % of native"
@@ -1227,8 +1270,10 @@ fn bench_pipeline(rows: &mut Vec<Row>, n: u64) -> Result<()> {
                 },
                 run.detail
             ),
-            baseline: format!("native handler: {native:.0} msg/s"),
-            ratio: format!("{:.0} %", 100.0 * run.rate / native),
+            baseline: native.map_or("not run".into(), |r| {
+                format!("native handler: {r:.0} msg/s")
+            }),
+            ratio: native.map_or("-".into(), |r| format!("{:.0} %", 100.0 * run.rate / r)),
             goal: goal.into(),
         });
     }
@@ -1289,7 +1334,7 @@ fn main() -> Result<()> {
         bench_drain_mqtt(&mut rows, args.drain_records)?;
     }
     if want("pipeline") {
-        bench_pipeline(&mut rows, args.pipeline_messages)?;
+        bench_pipeline(&mut rows, args.pipeline_messages, &args.pipeline_modes)?;
     }
     println!("Machine: {}\n", machine());
     println!("| benchmark | perch | baseline (same run) | ratio | goal |");
