@@ -98,6 +98,16 @@ pub fn build(inputs: &Inputs, out: &Path) -> Result<Outputs> {
         .arch
         .as_deref()
         .with_context(|| format!("board `{}` has no `arch`", board.name))?;
+    // An image without a way to boot it would flash and then do nothing: refuse it here.
+    if board.image.bootloader.is_none() {
+        bail!(
+            "board `{}` names no `bootloader`, so its image would not boot: the builder makes \
+             images for `u-boot` (an A/B boot script, QEMU virt) and `direct` (the loader is \
+             given slot A's kernel, QEMU -kernel); Raspberry Pi firmware boot (`tryboot`, \
+             docs/images.md) is not built yet",
+            board.name
+        );
+    }
     let deb_arch = debian_arch(arch)?;
     let lock = debs::read_lock(&inputs.lock)?;
     let cache = debs::cache_dir();

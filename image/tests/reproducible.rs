@@ -71,3 +71,29 @@ fn builds_are_identical(board: &str) -> anyhow::Result<()> {
     assert!(order("jbd2") < order("ext4") && order("crc32c_generic") < order("ext4"));
     Ok(())
 }
+
+#[test]
+fn a_board_without_a_bootloader_gets_no_image() -> anyhow::Result<()> {
+    let root = repo();
+    let dir = tempfile::tempdir()?;
+    let inputs = perch_image::Inputs {
+        board_file: root.join("board-configs/raspberry-pi-4.toml"),
+        perchd: dir.path().join("perchd"),
+        lock: root.join("image/debian.lock"),
+        device_config: String::new(),
+        data_files: Vec::new(),
+        data_mib: 16,
+    };
+    let e = perch_image::build(&inputs, &dir.path().join("out"))
+        .expect_err("a Raspberry Pi image cannot boot yet");
+    let text = e.to_string();
+    assert!(
+        text.contains("board `raspberry-pi-4` names no `bootloader`") && text.contains("tryboot"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("out").exists(),
+        "nothing is written for a refused board"
+    );
+    Ok(())
+}
