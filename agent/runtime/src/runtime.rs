@@ -30,6 +30,9 @@ use crate::supervisor::{ComponentLog, Outcome, Supervisor, now_ms};
 /// Queue depth of a component's message subscription.
 pub const MESSAGE_QUEUE: usize = 256;
 
+/// Most messages one instance takes from a component's queue at once (see `arm`).
+const MAX_MESSAGE_BATCH: usize = 32;
+
 /// Effective limits of a running component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EffectiveLimits {
@@ -564,24 +567,35 @@ impl Runtime {
                 let (id, mut rx) = self.bus.subscribe(&spec.name, pattern, MESSAGE_QUEUE);
                 subs.push(id);
                 let (rt, run) = (self.clone(), r.clone());
+                let instances = r.limits.instances.max(1) as usize;
                 tasks.push(tokio::spawn(async move {
-                    while let Some(m) = rx.recv().await {
-                        let (rt, run) = (rt.clone(), run.clone());
+                    let mut batch = Vec::with_capacity(MAX_MESSAGE_BATCH);
+                    loop {
+                        // A backlog is shared out in batches, one task and one instance
+                        // each, so that every instance has work and a busy component pays
+                        // for a task per batch rather than per message; one waiting
+                        // message goes alone.
+                        let share = (rx.len() / instances).clamp(1, MAX_MESSAGE_BATCH);
+                        if rx.recv_many(&mut batch, share).await == 0 {
+                            return;
+                        }
                         // Wait for a free instance here, so the queue applies backpressure.
-                        let permit = match run.permits.clone().acquire_owned().await {
-                            Ok(p) => p,
-                            Err(_) => return,
+                        let Ok(permit) = run.permits.clone().acquire_owned().await else {
+                            return;
                         };
+                        let (rt, run) = (rt.clone(), run.clone());
+                        let calls: Vec<Call> = batch
+                            .drain(..)
+                            .map(|m| Call::Message {
+                                subject: m.subject,
+                                payload: m.payload,
+                            })
+                            .collect();
                         tokio::spawn(async move {
-                            rt.invoke_with_permit(
-                                &run,
-                                Call::Message {
-                                    subject: m.subject,
-                                    payload: m.payload,
-                                },
-                                permit,
-                            )
-                            .await;
+                            let _permit = permit;
+                            for call in calls {
+                                rt.invoke_held(&run, call).await;
+                            }
                         });
                     }
                 }));
@@ -639,6 +653,11 @@ impl Runtime {
         call: Call,
         _permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Outcome {
+        self.invoke_held(r, call).await
+    }
+
+    /// Invokes `call` on `r`; the caller holds one of `r`'s instance permits for it.
+    async fn invoke_held(self: &Arc<Self>, r: &Arc<Running>, call: Call) -> Outcome {
         if r.supervisor.admit().is_err() {
             return Outcome::Skipped("backing off after repeated crashes");
         }
