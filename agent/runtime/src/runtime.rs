@@ -82,6 +82,9 @@ pub struct Running {
     /// Idle instances waiting for their next call; at most `limits.instances`, since each
     /// was used under one of the permits.
     warm: Mutex<Vec<Warm>>,
+    /// Set when the component is stopped (removed or replaced): the rest of a message
+    /// batch already taken from its queue is dropped, like the messages still queued.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Running {
@@ -377,6 +380,7 @@ impl Runtime {
             tasks: Mutex::new(Vec::new()),
             subscriptions: Mutex::new(Vec::new()),
             warm: Mutex::new(Vec::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         });
         write(&self.failed).remove(&name);
         if let Some(old) = write(&self.running).insert(name.clone(), running.clone()) {
@@ -427,6 +431,7 @@ impl Runtime {
     }
 
     fn stop(&self, r: &Running) {
+        r.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
         for id in r
             .subscriptions
             .lock()
@@ -594,6 +599,9 @@ impl Runtime {
                         tokio::spawn(async move {
                             let _permit = permit;
                             for call in calls {
+                                if run.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                                    break;
+                                }
                                 rt.invoke_held(&run, call).await;
                             }
                         });
